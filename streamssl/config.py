@@ -1,0 +1,286 @@
+"""One typed configuration for a streamssl run, validated at the edge.
+
+A run is described by a YAML file in ``configs/`` plus dotted ``key=value`` overrides from the
+command line (``optim.lr=0.1 replay.size=2000``). Everything downstream receives a validated
+:class:`Config`; unknown keys and bad values fail here with a message that names the field and
+the allowed values, before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (field path + what is allowed)."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo such as ``optim.lrr`` must be an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class DataConfig(_Section):
+    """Where the ingested dataset lives and how to (re)build it."""
+
+    dataset_dir: str = "data/fashion-mnist"
+    source: Literal["fashion-mnist", "idx", "folder", "manifest"] = "fashion-mnist"
+    src: str | None = None  # source location; None = the source's default
+    image_size: int = Field(28, ge=8, le=1024)  # decoded images are resized to this square size
+    channels: Literal[1, 3] = 1
+    eval_split: str = "test"  # split held out for evaluation; never streamed
+
+
+class StreamConfig(_Section):
+    """How the dataset's train split is cut into ordered segments (see data/streams.py)."""
+
+    protocol: Literal["instance", "class_random", "class_distant", "domain", "time"] = "class_random"
+    segments: int = Field(5, ge=1)
+    seed: int = 0
+    grouping_file: str | None = None  # class_distant: user-given class groups (YAML/JSON)
+    window: str | None = None  # time: cut by window length (e.g. "7d") instead of K segments
+    max_images_per_segment: int | None = Field(None, ge=1)  # cap for quick runs and tests
+
+
+class SSLConfig(_Section):
+    """The self-supervised method, its backbone and heads, and the augmentation preset."""
+
+    method: Literal["mocov2", "simclr", "byol", "simsiam", "barlow_twins"] = "mocov2"
+    backbone: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
+    cifar_stem: bool = True  # ResNet: 3x3 stem without max-pool, for 28-64 px images
+    width: int = Field(32, ge=4)  # small_cnn base channel count
+    proj_hidden_dim: int = Field(512, ge=8)
+    proj_dim: int = Field(128, ge=8)
+    pred_hidden_dim: int = Field(512, ge=8)  # BYOL / SimSiam predictor
+    temperature: float = Field(0.2, gt=0)
+    queue_size: int = Field(4096, ge=0)  # MoCo: negatives kept from earlier batches
+    momentum: float = Field(0.99, ge=0, le=1)  # MoCo / BYOL target-network EMA
+    barlow_lambda: float = Field(5e-3, ge=0)
+    augment: Literal["grayscale_small", "rgb_imagenet"] = "grayscale_small"
+
+
+class OptimConfig(_Section):
+    """Optimizer and a schedule that never needs to know the stream's length."""
+
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = Field(0.06, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "wsd"] = "constant"  # wsd = warmup-stable-decay per segment
+    warmup_steps: int = Field(0, ge=0)
+    decay_fraction: float = Field(0.2, ge=0, le=1)  # wsd: last fraction of the segment decays
+    batch_size: int = Field(128, ge=2)  # per worker, before replay rows are added
+    epochs_per_segment: float = Field(1.0, gt=0)
+    steps_per_segment: int | None = Field(None, ge=1)  # overrides epochs when set
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = Field(0.0, ge=0)  # 0 = no clipping
+
+
+class ReplayConfig(_Section):
+    """Bounded buffer of past images mixed into each batch. size=0 turns replay off."""
+
+    size: int = Field(0, ge=0)
+    ratio: float = Field(0.5, ge=0, lt=1)  # fraction of each batch drawn from the buffer
+    policy: Literal["reservoir", "balanced"] = "reservoir"
+
+
+class RegularizationConfig(_Section):
+    """Parameter regularization toward earlier segments (MAS, EWC, L2-SP)."""
+
+    method: Literal["none", "mas", "ewc", "l2sp"] = "none"
+    lambda_: float = Field(1.0, ge=0, alias="lambda")
+    importance_batches: int = Field(20, ge=1)  # batches used to estimate MAS/EWC importance
+
+
+class InitConfig(_Section):
+    """Hierarchical pre-training: where segment 0 starts from."""
+
+    checkpoint: str | None = None  # streamssl run dir / segment checkpoint / torchvision state dict
+    bn_only: bool = False  # train only BatchNorm parameters (HPT's cheap adaptation)
+
+
+class ScalingConfig(_Section):
+    """Ray Train + DeepSpeed resources. Defaults are safe on a 2-core CPU box."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)  # <1 keeps CPU free for Ray Data (see STACK.md)
+    zero_stage: Literal[0, 1, 2] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every_steps: int = Field(0, ge=0)  # in-segment checkpoints; 0 = only at the end
+    max_failures: int = Field(2, ge=0)  # Ray Train restarts of a failed worker group
+    ray_address: str | None = None  # None = start/attach a local Ray
+
+
+class EvalConfig(_Section):
+    """Frozen-feature evaluation run after every segment."""
+
+    enabled: bool = True
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
+    linear_epochs: int = Field(100, ge=1)
+    fewshot_ways: int = Field(5, ge=2)
+    fewshot_shots: int = Field(5, ge=1)
+    fewshot_episodes: int = Field(100, ge=1)
+    max_train_images: int | None = Field(10000, ge=1)  # subsample the probe's train features
+    max_test_images: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(_Section):
+    """MLflow. tracking_uri=None means a SQLite file inside the run directory."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "streamssl"
+
+
+class TuneConfig(_Section):
+    """Ray Tune sweep: the search space is a mapping of dotted config keys to Tune domains."""
+
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search_alg: Literal["grid", "random", "optuna", "hyperopt"] = "grid"
+    num_samples: int = Field(1, ge=1)
+    metric: str = "eval/knn_acc"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["none", "asha"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    cpus_per_trial_driver: float = Field(0.5, gt=0)
+
+
+class Config(_Section):
+    """The whole run."""
+
+    name: str = "streamssl"
+    run_dir: str | None = None  # None = runs/<name>-<time>
+    seed: int = 0
+    strategy: Literal["naive", "joint"] = "naive"
+    data: DataConfig = Field(default_factory=DataConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    ssl: SSLConfig = Field(default_factory=SSLConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    init: InitConfig = Field(default_factory=InitConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ \t\n"):
+            raise ValueError("must be a non-empty name without slashes or whitespace")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.strategy == "joint" and self.replay.size > 0:
+            raise ValueError("strategy 'joint' already trains on all past data; set replay.size=0")
+        if self.scaling.precision == "bf16" and not self.scaling.use_gpu:
+            # bf16 trains on CPU too (STACK.md), but it is slow there and not what users expect.
+            pass
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with YAML-facing key names (``regularization.lambda``)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        """Stable short hash of the resolved config (tagged on MLflow runs)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_value(raw: str) -> Any:
+    """Interpret an override's value the way YAML would (numbers, bools, null, lists)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to a nested dict (copy-on-write of the touched path)."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            section = _section_for(e["loc"][:-1])
+            if section is not None:
+                allowed = sorted(f.alias or n for n, f in section.model_fields.items())
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; allowed values: {e['ctx']['expected']}"
+        lines.append(f"  {field}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for p in loc:
+        field = next((f for n, f in model.model_fields.items() if p in (n, f.alias)), None)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    data = apply_overrides(data or {}, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return config_from_dict(data, overrides)

@@ -1,0 +1,57 @@
+"""Hooks the stream driver calls around each segment.
+
+MLflow tracking, Ray Tune reporting and progress printing are all callbacks on the one driver
+loop, so the loop itself stays about training. A callback implements any subset of the methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamssl.config import Config
+
+
+@dataclass
+class StreamContext:
+    """What the driver knows about the stream run; shared with every callback."""
+
+    config: Config
+    run_dir: str
+    dataset_dir: str
+    plan_dir: str  # directory holding stream.parquet / stream.json
+    num_segments: int
+    dataset_meta: dict[str, Any]  # dataset.json
+    plan_meta: dict[str, Any]  # stream.json
+    resumed: bool = False
+    # Free-form slots callbacks may fill for each other, e.g. the MLflow child run id that rank 0
+    # logs per-step metrics to (key "mlflow_run_id") or the parent run id (key "mlflow_parent_run_id").
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentResult:
+    """Outcome of one segment: where its checkpoint is and what was measured."""
+
+    segment: int
+    checkpoint_dir: str  # completed, atomically written segment checkpoint
+    parent_checkpoint: str | None  # checkpoint this segment started from (None = random/HPT init)
+    num_images: int  # images of this segment (without replay rows)
+    num_replay_images: int
+    metrics: dict[str, float]  # train/*, time/*, eval/* (flat, slash-separated names)
+    classes: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    step_metrics_file: str | None = None  # JSONL of per-step metrics from rank 0
+    accuracy_row: dict[str, list[float]] = field(default_factory=dict)  # metric -> acc on segment i<=t..
+
+
+class StreamCallback:
+    """Base class with no-op hooks; subclass and override what you need."""
+
+    def on_stream_start(self, ctx: StreamContext) -> None: ...
+
+    def on_segment_start(self, ctx: StreamContext, segment: int) -> None: ...
+
+    def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None: ...
+
+    def on_stream_end(self, ctx: StreamContext, results: list[SegmentResult]) -> None: ...
