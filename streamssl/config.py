@@ -68,7 +68,7 @@ class SSLConfig(_Section):
 class OptimConfig(_Section):
     """Optimizer and a schedule that never needs to know the stream's length."""
 
-    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.06, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -184,9 +184,6 @@ class Config(_Section):
     def _consistent(self) -> "Config":
         if self.strategy == "joint" and self.replay.size > 0:
             raise ValueError("strategy 'joint' already trains on all past data; set replay.size=0")
-        if self.scaling.precision == "bf16" and not self.scaling.use_gpu:
-            # bf16 trains on CPU too (STACK.md), but it is slow there and not what users expect.
-            pass
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,207 @@
+"""The ``streamssl`` command line.
+
+Every verb is a thin layer over a library function, so what the CLI does is also scriptable.
+Configuration errors are reported as one readable message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamssl.config import ConfigError, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_class_incremental.yaml"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from streamssl.data.ingest import ingest
+
+    summary = ingest(a.source, a.out, src=a.src, shard_rows=a.shard_rows, progress=not a.quiet)
+    _print_json(summary)
+    return 0
+
+
+def cmd_stream(a: argparse.Namespace) -> int:
+    from streamssl.data.streams import make_plan
+
+    meta = make_plan(a.dataset, a.protocol, a.segments, a.seed, grouping_file=a.grouping, window=a.window,
+                     out_dir=a.out)
+    print(f"stream plan: {meta.get('protocol')} with {meta.get('num_segments')} segments "
+          f"(seed {meta.get('seed')}, digest {str(meta.get('digest'))[:16]})")
+    if meta.get("grouping"):
+        print(f"class grouping ({meta['grouping'].get('method', '')}):")
+        for i, group in enumerate(meta["grouping"].get("groups", [])):
+            print(f"  group {i}: {', '.join(map(str, group))}")
+    for seg in meta.get("segments", []):
+        what = seg.get("classes") or seg.get("domains") or seg.get("time_range") or ""
+        print(f"  segment {seg['segment']}: {seg['count']} images  {what}")
+    print(f"written to {meta.get('out_dir')}")
+    return 0
+
+
+def _config(a: argparse.Namespace) -> Any:
+    return load_config(a.config, a.overrides)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from streamssl.train.driver import StreamRunner, default_callbacks
+    from streamssl.train.progress import ProgressPrinter
+
+    cfg = _config(a)
+    runner = StreamRunner(cfg, a.run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])
+    runner.run()
+    print(f"run directory: {runner.run_dir}")
+    return 0
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    from streamssl.train.driver import resume
+    from streamssl.train.progress import ProgressPrinter
+    from streamssl.train.driver import default_callbacks
+
+    cfg = load_config(Path(a.run_dir) / "config.yaml")
+    resume(a.run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])
+    print(f"run directory: {Path(a.run_dir).resolve()}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from streamssl.train.demo import run_demo
+
+    return run_demo(a.config or str(DEFAULT_CONFIG), a.overrides, run_dir=a.run_dir)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from streamssl.evaluate.after_segment import evaluate_path
+
+    _print_json(evaluate_path(a.path, data_dir=a.data, overrides=a.overrides))
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from streamssl.tracking.report import compare_runs
+
+    print(compare_runs(a.run_dirs, reference=a.reference))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from streamssl.export import export_encoder
+
+    print(export_encoder(a.path, a.out))
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from streamssl.tune.sweep import run_sweep
+
+    cfg = _config(a)
+    best = run_sweep(cfg, resume=a.resume, sweep_dir=a.sweep_dir)
+    _print_json(best)
+    return 0
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    from streamssl.jobs import submit
+
+    result = submit(a.address, a.config, a.overrides, working_dir=a.working_dir, pip=a.pip,
+                    container_image=a.image, entrypoint_num_gpus=a.num_gpus, follow=a.follow)
+    return int(getattr(result, "exit_code", 0))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("ingest", help="turn images into Parquet shards + index")
+    s.add_argument("--source", required=True, choices=["fashion-mnist", "idx", "folder", "manifest"])
+    s.add_argument("--src", default=None, help="source path (default: the source's standard location)")
+    s.add_argument("--out", required=True, help="output dataset directory or pyarrow URI (file://, s3://)")
+    s.add_argument("--shard-rows", type=int, default=10_000)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("stream", help="cut a dataset's train split into an ordered stream of segments")
+    s.add_argument("dataset")
+    s.add_argument("--protocol", required=True, choices=["instance", "class_random", "class_distant", "domain", "time"])
+    s.add_argument("--segments", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--grouping", default=None, help="class_distant: YAML/JSON file of class groups")
+    s.add_argument("--window", default=None, help="time: segment length such as 7d or 12h")
+    s.add_argument("--out", default=None, help="plan directory (default: DATASET/streams/<name>)")
+    s.set_defaults(fn=cmd_stream)
+
+    for verb, fn, helptext in (("train", cmd_train, "train an encoder over a stream"),
+                               ("tune", cmd_tune, "Ray Tune sweep over continual-learning knobs"),
+                               ("demo", cmd_demo, "ingest Fashion-MNIST if needed and run the default stream")):
+        s = sub.add_parser(verb, help=helptext)
+        s.add_argument("config", nargs="?" if verb == "demo" else None, default=None, help="YAML config")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
+        s.add_argument("--run-dir", default=None)
+        if verb == "tune":
+            s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+            s.add_argument("--sweep-dir", default=None)
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("resume", help="continue a killed run from its last completed segment")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_resume)
+
+    s = sub.add_parser("eval", help="evaluate a run or checkpoint on frozen features")
+    s.add_argument("path")
+    s.add_argument("--data", default=None, help="dataset directory (default: the run's)")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="Markdown table comparing runs")
+    s.add_argument("run_dirs", nargs="+")
+    s.add_argument("--reference", default=None, help="run dir used as CKA reference")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("export", help="write a run's encoder to one self-describing file")
+    s.add_argument("path")
+    s.add_argument("out")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("submit", help="submit `streamssl train` to a Ray cluster with the Jobs API")
+    s.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--follow", action="store_true")
+    s.add_argument("--working-dir", default=None)
+    s.add_argument("--pip", nargs="*", default=None)
+    s.add_argument("--image", default=None)
+    s.add_argument("--num-gpus", type=float, default=None)
+    s.set_defaults(fn=cmd_submit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"streamssl: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        # Ingest/stream/config problems are the user's to fix: one clear line, no traceback.
+        print(f"streamssl {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

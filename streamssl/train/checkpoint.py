@@ -1,0 +1,99 @@
+"""Segment checkpoints: what one segment hands to the next, in a format that is safe to load.
+
+A segment checkpoint is a directory::
+
+    meta.json       segment, steps, images seen, config of the model, input spec, final flag
+    model.pt        the SSL method's state_dict (backbone, heads, momentum encoder, MoCo queue)
+    strategy.pt     regularizer state (importance and anchor weights), if any
+    steps.jsonl     per-step metrics from rank 0
+    replay/         replay buffer rows + sampler state (written by the driver)
+    engine/         DeepSpeed engine state (optimizer shards); only in in-segment checkpoints
+
+``model.pt`` and ``strategy.pt`` hold only tensors and plain containers, so they load with
+``torch.load(weights_only=True)``. DeepSpeed's own ``engine/`` files are read by DeepSpeed (which
+unpickles) and only to restart a segment from checkpoints this same run wrote.
+
+Directories are published atomically: written under a temporary name, then renamed, so a killed
+process never leaves a directory that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+META_FILE = "meta.json"
+MODEL_FILE = "model.pt"
+STRATEGY_FILE = "strategy.pt"
+STEPS_FILE = "steps.jsonl"
+ENGINE_DIR = "engine"
+REPLAY_DIR = "replay"
+
+
+def save_tensors(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file + rename, so readers never see a half-written file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: str | Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json_atomic(path: str | Path, obj: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / META_FILE).read_text())
+
+
+def is_segment_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / META_FILE).is_file() and (p / MODEL_FILE).is_file()
+
+
+def publish_dir(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` to ``dst`` atomically (copy to a sibling temp dir, then rename).
+
+    An existing ``dst`` (left by an earlier attempt at the same segment) is replaced.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(ENGINE_DIR))
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+    return dst
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run dir (-> its last completed segment) or a segment checkpoint dir."""
+    p = Path(path)
+    if is_segment_checkpoint(p):
+        return p
+    state = p / "state.json"
+    if state.is_file():
+        done = json.loads(state.read_text()).get("completed", [])
+        if not done:
+            raise FileNotFoundError(f"{p}: run has no completed segment yet")
+        return Path(done[-1]["checkpoint"])
+    ckpts = sorted((p / "checkpoints").glob("segment-*")) if (p / "checkpoints").is_dir() else []
+    ckpts = [c for c in ckpts if is_segment_checkpoint(c)]
+    if ckpts:
+        return ckpts[-1]
+    raise FileNotFoundError(f"{p}: not a streamssl run directory or segment checkpoint")

@@ -1,0 +1,354 @@
+"""The stream driver: one Ray Train run per segment, each starting from the last checkpoint.
+
+The driver owns everything that is bookkeeping rather than math: the run directory, the stream
+plan, which rows each segment trains on (its own, replay rows, or all segments so far for the
+joint baseline), the replay buffer, publishing checkpoints, evaluation, and the ``state.json``
+that makes a killed run resumable from its last completed segment.
+
+Run directory::
+
+    config.yaml          resolved config
+    plan/                copy of stream.parquet + stream.json
+    state.json           completed segments (checkpoint paths, metrics); the resume point
+    checkpoints/segment-000/ ...
+    ray/                 Ray Train storage (in-segment checkpoints, worker logs)
+    results.json         per-segment results for reports
+    mlflow.db, mlartifacts/   tracking (when enabled)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streamssl.config import Config, load_config
+from streamssl.train import checkpoint as ck
+from streamssl.train.callbacks import SegmentResult, StreamCallback, StreamContext
+
+STATE_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def new_run_dir(cfg: Config) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir).resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (Path("runs") / f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve()
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / STATE_FILE
+    if not p.is_file():
+        return {"completed": [], "in_progress": None}
+    return json.loads(p.read_text())
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    ck.write_json_atomic(run_dir / STATE_FILE, state)
+
+
+# --------------------------------------------------------------------------- data preparation
+
+
+def ensure_dataset(cfg: Config) -> dict[str, Any]:
+    """Ingest the configured source if the dataset directory does not exist yet."""
+    from streamssl.data import layout
+    from streamssl.data.ingest import ingest
+
+    fs, path = layout.resolve(cfg.data.dataset_dir)
+    meta_path = layout.join(path, layout.DATASET_FILE)
+    if not layout.exists(fs, meta_path):
+        print(f"ingesting {cfg.data.source} into {cfg.data.dataset_dir} ...", flush=True)
+        ingest(cfg.data.source, cfg.data.dataset_dir, src=cfg.data.src, progress=True)
+    return layout.read_json(fs, meta_path)
+
+
+def ensure_plan(cfg: Config, run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
+    """Make (or reuse) the stream plan and keep a copy in the run dir, which is what we train on."""
+    from streamssl.data.streams import load_plan, make_plan
+
+    plan_dir = run_dir / "plan"
+    if not (plan_dir / "stream.json").is_file():
+        tmp = run_dir / f".plan.tmp-{uuid.uuid4().hex[:6]}"
+        make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
+                  grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=str(tmp))
+        os.replace(tmp, plan_dir)
+    return load_plan(str(plan_dir))
+
+
+def segment_rows(plan: pa.Table, segments: Sequence[int], cap: int | None) -> pa.Table:
+    """Plan rows of the given segments, in plan order, optionally capped per segment."""
+    parts = []
+    for s in segments:
+        rows = plan.filter(pc.equal(plan["segment"], s)).sort_by("position")
+        parts.append(rows.slice(0, cap) if cap else rows)
+    return pa.concat_tables(parts)
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+class StreamRunner:
+    """Runs (or resumes) one stream. Build it, then call :meth:`run`."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+                 callbacks: Sequence[StreamCallback] = ()) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(cfg)
+        self.resume = resume
+        self.callbacks = list(callbacks)
+
+    # -- helpers
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def _init_ray(self) -> None:
+        import ray
+        from ray.data import DataContext
+
+        if not ray.is_initialized():
+            ray.init(address=self.cfg.scaling.ray_address, include_dashboard=False,
+                     log_to_driver=True, configure_logging=False)
+        # Segments must be read in plan order (see data/segments.py).
+        DataContext.get_current().execution_options.preserve_order = True
+
+    def run(self) -> list[SegmentResult]:
+        cfg, run_dir = self.cfg, self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = read_state(run_dir)
+        if state["completed"] and not self.resume:
+            raise RuntimeError(f"{run_dir} already holds a run; use `streamssl resume {run_dir}`")
+        cfg.run_dir = str(run_dir)
+        cfg.save(run_dir / "config.yaml")
+        print(f"run directory: {run_dir}", flush=True)
+
+        dataset_meta = ensure_dataset(cfg)
+        plan, plan_meta = ensure_plan(cfg, run_dir)
+        num_segments = int(plan_meta["num_segments"])
+        self._init_ray()
+
+        from streamssl.continual import build_strategy
+
+        strategy = build_strategy(cfg)
+        completed: list[dict[str, Any]] = state["completed"]
+        if completed:  # resume: restore driver-side plugin state from the last finished segment
+            strategy.load_driver_state(Path(completed[-1]["checkpoint"]))
+        ctx = StreamContext(config=cfg, run_dir=str(run_dir), dataset_dir=cfg.data.dataset_dir,
+                            plan_dir=str(run_dir / "plan"), num_segments=num_segments,
+                            dataset_meta=dataset_meta, plan_meta=plan_meta, resumed=bool(completed) or self.resume)
+        self._emit("on_stream_start", ctx)
+        results = [_result_from_state(c) for c in completed]
+        t_stream = time.perf_counter()
+        for t in range(len(completed), num_segments):
+            result = self._run_segment(ctx, t, plan, strategy, state)
+            results.append(result)
+            completed.append(_state_entry(result))
+            state["in_progress"] = None
+            write_state(run_dir, state)
+            self._emit("on_segment_end", ctx, result)
+        _write_results(run_dir, results, wall_s=time.perf_counter() - t_stream)
+        self._emit("on_stream_end", ctx, results)
+        print(f"done: {num_segments} segments; results in {run_dir}", flush=True)
+        return results
+
+    def _run_segment(self, ctx: StreamContext, t: int, plan: pa.Table, strategy: Any,
+                     state: dict[str, Any]) -> SegmentResult:
+        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+        from ray.train.torch import TorchTrainer
+
+        from streamssl.data.segments import read_rows, read_segments
+
+        cfg, run_dir = self.cfg, self.run_dir
+        self._emit("on_segment_start", ctx, t)
+        joint = cfg.strategy == "joint"
+        own_rows = segment_rows(plan, [t], cfg.stream.max_images_per_segment)
+        train_rows = segment_rows(plan, range(t + 1), cfg.stream.max_images_per_segment) if joint else own_rows
+        workers, batch = cfg.scaling.num_workers, cfg.optim.batch_size
+        if cfg.optim.steps_per_segment:
+            total_steps = cfg.optim.steps_per_segment
+        else:
+            per_epoch = train_rows.num_rows // (workers * batch * cfg.optim.grad_accum_steps)
+            if per_epoch == 0:
+                raise ValueError(f"segment {t} has {train_rows.num_rows} rows, fewer than one step "
+                                 f"({workers} workers x batch {batch}); lower optim.batch_size")
+            total_steps = max(1, math.ceil(per_epoch * cfg.optim.epochs_per_segment))
+
+        size, channels = cfg.data.image_size, cfg.data.channels
+        ids = pa.table({"image_id": train_rows["image_id"]})
+        if joint:
+            datasets = {"train": read_segments(cfg.data.dataset_dir, plan.filter(pc.is_in(plan["image_id"], ids["image_id"])),
+                                               list(range(t + 1)), image_size=size, channels=channels,
+                                               shuffle_seed=cfg.seed * 7919 + t)}
+        elif cfg.stream.max_images_per_segment:
+            datasets = {"train": read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels)}
+        else:
+            datasets = {"train": read_segments(cfg.data.dataset_dir, plan, t, image_size=size, channels=channels)}
+
+        replay_per_batch, replay_rows_n = 0, 0
+        extra = strategy.extra_datasets(t)
+        if "replay" in extra and extra["replay"].num_rows > 0:
+            r = cfg.replay.ratio
+            replay_per_batch = max(1, round(batch * r / (1 - r)))
+            needed = total_steps * cfg.optim.grad_accum_steps * workers * replay_per_batch
+            rows = strategy.sample_replay(needed, seed=cfg.seed * 31 + t)
+            replay_rows_n = rows.num_rows
+            datasets["replay"] = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=channels)
+
+        prev = state["completed"][-1]["checkpoint"] if state["completed"] else None
+        # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its latest
+        # in-segment checkpoint; a fresh attempt gets a fresh name (see STACK.md).
+        ip = state.get("in_progress")
+        name = ip["ray_run_name"] if ip and ip.get("segment") == t else f"segment-{t:03d}-{uuid.uuid4().hex[:6]}"
+        state["in_progress"] = {"segment": t, "ray_run_name": name}
+        write_state(run_dir, state)
+
+        mlflow_spec = None
+        if "mlflow_run_id" in ctx.extras and "mlflow_tracking_uri" in ctx.extras:
+            mlflow_spec = {"run_id": ctx.extras["mlflow_run_id"], "tracking_uri": ctx.extras["mlflow_tracking_uri"]}
+        loop_cfg = {"config": cfg.to_dict(), "segment": t, "total_steps": total_steps,
+                    "replay_per_batch": replay_per_batch, "init_checkpoint": prev, "mlflow": mlflow_spec}
+        scaling = ray_scaling_config(cfg)
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_loop_entry,
+            train_loop_config=loop_cfg,
+            scaling_config=scaling,
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split="all"),
+            run_config=RunConfig(
+                name=name,
+                storage_path=str(run_dir / "ray"),
+                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        print(f"segment {t + 1}/{ctx.num_segments}: {own_rows.num_rows} images"
+              f"{f' (+{replay_rows_n} replay rows)' if replay_rows_n else ''}"
+              f"{f' (joint: {train_rows.num_rows} rows)' if joint else ''}, {total_steps} steps", flush=True)
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        fit_s = time.perf_counter() - t0
+        if result.checkpoint is None:
+            raise RuntimeError(f"segment {t}: training produced no checkpoint ({result.error})")
+
+        ckpt_dir = run_dir / "checkpoints" / f"segment-{t:03d}"
+        with result.checkpoint.as_directory() as d:
+            tmp = run_dir / "checkpoints" / f".segment-{t:03d}.staging"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(ck.ENGINE_DIR))
+        strategy.after_segment_driver(t, own_rows)
+        strategy.save_driver_state(tmp)
+        ck.publish_dir(tmp, ckpt_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        meta = ck.read_meta(ckpt_dir)
+        metrics = {k: float(v) for k, v in meta.get("metrics", {}).items()}
+        metrics["time/fit_s"] = fit_s
+        metrics["time/overhead_s"] = fit_s - metrics.get("time/train_loop_s", 0.0) - metrics.get("time/importance_s", 0.0)
+        metrics["data/segment_images"] = own_rows.num_rows
+        metrics["data/replay_rows"] = replay_rows_n
+        seg_meta = _segment_meta(ctx.plan_meta, t)
+        result_obj = SegmentResult(segment=t, checkpoint_dir=str(ckpt_dir), parent_checkpoint=prev,
+                                   num_images=own_rows.num_rows, num_replay_images=replay_rows_n, metrics=metrics,
+                                   classes=[str(c) for c in seg_meta.get("classes", [])],
+                                   domains=[str(d) for d in seg_meta.get("domains", [])],
+                                   step_metrics_file=str(ckpt_dir / ck.STEPS_FILE))
+        if cfg.eval.enabled:
+            from streamssl.evaluate.after_segment import evaluate_checkpoint
+
+            t_eval = time.perf_counter()
+            eval_metrics, acc_row = evaluate_checkpoint(cfg, ckpt_dir, ctx.plan_meta, t)
+            metrics.update(eval_metrics)
+            metrics["time/eval_s"] = time.perf_counter() - t_eval
+            result_obj.accuracy_row = acc_row
+        print(f"segment {t + 1}/{ctx.num_segments} done in {fit_s:.0f}s: "
+              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/loss", "eval/knn_acc", "eval/linear_acc"))
+                          and "seg" not in k), flush=True)
+        return result_obj
+
+
+def _train_loop_entry(loop_cfg: dict[str, Any]) -> None:
+    # Imported lazily so the driver does not import DeepSpeed.
+    from streamssl.train.worker import train_loop_per_worker
+
+    train_loop_per_worker(loop_cfg)
+
+
+def ray_scaling_config(cfg: Config) -> Any:
+    from ray.train import ScalingConfig
+
+    res: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        res["GPU"] = 1
+    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=res)
+
+
+def _segment_meta(plan_meta: dict[str, Any], t: int) -> dict[str, Any]:
+    for seg in plan_meta.get("segments", []):
+        if int(seg.get("segment", -1)) == t:
+            return seg
+    return {}
+
+
+def _state_entry(r: SegmentResult) -> dict[str, Any]:
+    return {"segment": r.segment, "checkpoint": r.checkpoint_dir, "parent_checkpoint": r.parent_checkpoint,
+            "num_images": r.num_images, "num_replay_images": r.num_replay_images, "metrics": r.metrics,
+            "classes": r.classes, "domains": r.domains, "step_metrics_file": r.step_metrics_file,
+            "accuracy_row": r.accuracy_row}
+
+
+def _result_from_state(e: dict[str, Any]) -> SegmentResult:
+    return SegmentResult(segment=e["segment"], checkpoint_dir=e["checkpoint"], parent_checkpoint=e["parent_checkpoint"],
+                         num_images=e["num_images"], num_replay_images=e["num_replay_images"], metrics=e["metrics"],
+                         classes=e.get("classes", []), domains=e.get("domains", []),
+                         step_metrics_file=e.get("step_metrics_file"), accuracy_row=e.get("accuracy_row", {}))
+
+
+def _write_results(run_dir: Path, results: list[SegmentResult], wall_s: float) -> None:
+    try:
+        from streamssl.tracking.report import write_results
+    except ImportError:
+        write_results = None
+    if write_results is not None:
+        write_results(str(run_dir), results, {"wall_s": wall_s})
+    else:
+        ck.write_json_atomic(run_dir / "results.json", {"segments": [_state_entry(r) for r in results], "wall_s": wall_s})
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, callbacks: Sequence[StreamCallback] | None = None) -> list[SegmentResult]:
+    return StreamRunner(cfg, run_dir, callbacks=default_callbacks(cfg) if callbacks is None else callbacks).run()
+
+
+def resume(run_dir: str | Path, callbacks: Sequence[StreamCallback] | None = None) -> list[SegmentResult]:
+    """Continue a killed run from its last completed segment, with its saved config and plan."""
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; not a streamssl run directory")
+    cfg = load_config(run_dir / "config.yaml")
+    return StreamRunner(cfg, run_dir, resume=True,
+                        callbacks=default_callbacks(cfg) if callbacks is None else callbacks).run()
+
+
+def default_callbacks(cfg: Config) -> list[StreamCallback]:
+    cbs: list[StreamCallback] = []
+    if cfg.tracking.enabled:
+        from streamssl.tracking.mlflow_tracker import MlflowTracker
+
+        cbs.append(MlflowTracker())
+    return cbs

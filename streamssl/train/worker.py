@@ -1,0 +1,365 @@
+"""The per-worker training loop: one Ray Train worker = one DeepSpeed engine.
+
+Runs inside ``TorchTrainer`` for one segment. Ray Train has already created the process group
+(gloo on CPU, NCCL on GPU), and DeepSpeed reuses it. The loop:
+
+1. build the SSL method and the strategy's worker plugins (regularizers);
+2. load the starting weights: an in-segment checkpoint (Ray restarted us after a failure), else
+   the previous segment's checkpoint, else the HPT initialization, else random init;
+3. ``deepspeed.initialize`` with our own optimizer and per-segment LR schedule;
+4. stream batches from ``get_dataset_shard("train")`` (+ ``"replay"`` rows mixed into every
+   batch), make two augmented views on the worker, loss = SSL loss + strategy penalty, step;
+5. at the end, let regularizers compute importance on this segment's data, then publish the
+   segment checkpoint through ``ray.train.report``.
+
+Every rank runs the same number of optimizer steps (collectives in DeepSpeed, MoCo and SimCLR
+need it), so the step budget is computed by the driver and data is cycled if a shard runs dry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamssl.config import Config
+from streamssl.train import checkpoint as ck
+from streamssl.train.deepspeed_config import deepspeed_config
+from streamssl.train.schedule import lr_factor
+
+
+# --------------------------------------------------------------------------- model set-up
+
+
+def build_model(cfg: Config) -> nn.Module:
+    from streamssl.ssl import build_method
+
+    return build_method(cfg.ssl, in_channels=cfg.data.channels)
+
+
+def load_initial_weights(model: nn.Module, cfg: Config, init_checkpoint: str | None) -> str:
+    """Load the weights a segment starts from; returns a short description of the source.
+
+    ``init_checkpoint`` is the previous segment's checkpoint (sequential training) or None for
+    segment 0, where the HPT initialization (``cfg.init.checkpoint``) applies if configured.
+    """
+    if init_checkpoint:
+        model.load_state_dict(ck.load_tensors(Path(init_checkpoint) / ck.MODEL_FILE))
+        return f"segment checkpoint {init_checkpoint}"
+    if cfg.init.checkpoint:
+        return load_hpt_init(model, cfg.init.checkpoint)
+    return "random init"
+
+
+def load_hpt_init(model: nn.Module, path: str) -> str:
+    """Hierarchical pre-training: start from an earlier streamssl model or a torchvision state dict."""
+    from streamssl.ssl.backbones import load_torchvision_state_dict
+
+    p = Path(path)
+    if p.is_dir():
+        ckpt = ck.resolve_checkpoint(p)
+        state = ck.load_tensors(ckpt / ck.MODEL_FILE)
+        own = model.state_dict()
+        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if not any(k.startswith("backbone.") for k in compatible):
+            raise ValueError(f"init.checkpoint {path}: no backbone weights match this model's backbone")
+        model.load_state_dict(compatible, strict=False)
+        # Momentum/target encoders start as copies of the online one in every method.
+        if hasattr(model, "reset_target_networks"):
+            model.reset_target_networks()
+        return f"HPT from streamssl checkpoint {ckpt} ({len(compatible)}/{len(own)} tensors)"
+    if p.is_file():
+        state = ck.load_tensors(p)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        missing, unexpected = load_torchvision_state_dict(model.backbone, state, strict=False)
+        if hasattr(model, "reset_target_networks"):
+            model.reset_target_networks()
+        loaded = len(model.backbone.state_dict()) - len(missing)
+        if loaded == 0:
+            raise ValueError(f"init.checkpoint {path}: no tensor matched the backbone (unexpected: {unexpected[:5]})")
+        return f"HPT from torchvision state dict {p} ({loaded} tensors, {len(missing)} missing)"
+    raise FileNotFoundError(f"init.checkpoint {path} does not exist")
+
+
+def apply_bn_only(model: nn.Module) -> int:
+    """HPT's cheap adaptation: freeze every backbone weight except BatchNorm affine parameters.
+
+    Heads stay trainable (they are new to this task). Returns the number of trainable tensors.
+    """
+    for module in model.backbone.modules():
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(is_bn)
+    return sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    raise ValueError(f"optim.name {o.name!r}; allowed: sgd, adamw")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _batches(shard: Any, batch_size: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless stream of full batches from a Ray dataset shard (a new epoch when one runs dry)."""
+    while True:
+        produced = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        prefetch_batches=2):
+            produced += 1
+            if skip > 0:
+                skip -= 1
+                continue
+            yield batch
+        if produced == 0:
+            raise RuntimeError(f"dataset shard yields no full batch of {batch_size} rows; "
+                               "lower optim.batch_size or use fewer workers")
+
+
+def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Replace rows whose image failed to decode by random valid rows of the same batch.
+
+    Keeps the batch shape identical on every rank (MoCo/SimCLR gather across workers need it)
+    while never training on a zero image. Returns (images, number replaced).
+    """
+    bad = np.flatnonzero(~valid)
+    if bad.size == 0:
+        return images, 0
+    good = np.flatnonzero(valid)
+    if good.size == 0:
+        raise RuntimeError("a whole batch failed to decode")
+    images = images.copy()
+    images[bad] = images[rng.choice(good, size=bad.size)]
+    return images, int(bad.size)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    from streamssl.continual import build_strategy
+    from streamssl.ssl import build_augment
+
+    cfg = Config.model_validate(loop_cfg["config"])
+    segment: int = loop_cfg["segment"]
+    total_steps: int = loop_cfg["total_steps"]
+    replay_per_batch: int = loop_cfg.get("replay_per_batch", 0)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed = cfg.seed * 1_000_003 + segment * 101 + rank
+    torch.manual_seed(cfg.seed * 1_000_003 + segment)  # same init on every rank (random-init case)
+    rng = np.random.default_rng(seed)
+
+    model = build_model(cfg)
+    source = load_initial_weights(model, cfg, loop_cfg.get("init_checkpoint"))
+    if cfg.init.bn_only:
+        apply_bn_only(model)
+    strategy = build_strategy(cfg)
+    init_ckpt = loop_cfg.get("init_checkpoint")
+    if init_ckpt and (Path(init_ckpt) / ck.STRATEGY_FILE).is_file():
+        strategy.load_worker_state(ck.load_tensors(Path(init_ckpt) / ck.STRATEGY_FILE))
+
+    micro_batch = cfg.optim.batch_size + replay_per_batch
+    params = [p for p in model.trainable_parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total_steps, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
+                            decay_fraction=cfg.optim.decay_fraction),
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, micro_batch))
+    module = engine.module
+    dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
+
+    # Restarted by Ray Train after a failure inside this segment: continue from its checkpoint.
+    start_step, images_seen, skipped = 0, 0, 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            meta = ck.read_meta(d)
+            engine.load_checkpoint(str(Path(d) / ck.ENGINE_DIR), tag=f"step{meta['step']}")
+            if (Path(d) / ck.STRATEGY_FILE).is_file():
+                strategy.load_worker_state(ck.load_tensors(Path(d) / ck.STRATEGY_FILE))
+            start_step, images_seen, skipped = meta["step"], meta["images_seen"], meta.get("skipped_images", 0)
+            source = f"in-segment checkpoint at step {start_step}"
+    if rank == 0:
+        print(f"[segment {segment}] rank 0: start from {source}; steps {start_step}->{total_steps}, "
+              f"world {world}, micro-batch {micro_batch} ({replay_per_batch} replay)", flush=True)
+
+    augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels).to(device)
+    accum = cfg.optim.grad_accum_steps
+    train_it = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size, skip=start_step * accum)
+    replay_it = (_batches(ray.train.get_dataset_shard("replay"), replay_per_batch, skip=start_step * accum)
+                 if replay_per_batch else None)
+
+    def next_images() -> torch.Tensor:
+        nonlocal skipped
+        batch = next(train_it)
+        imgs, n_bad = repair_invalid(batch["image"], batch["valid"].astype(bool), rng)
+        skipped += n_bad
+        if replay_it is not None:
+            rb = next(replay_it)
+            rimgs, r_bad = repair_invalid(rb["image"], rb["valid"].astype(bool), rng)
+            skipped += r_bad
+            imgs = np.concatenate([imgs, rimgs])
+        return torch.from_numpy(imgs).to(device, non_blocking=True)
+
+    def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return augment(x).to(dtype), augment(x).to(dtype)
+
+    steps_log: list[dict[str, Any]] = []
+    mlflow_logger = _StepLogger(loop_cfg.get("mlflow"), rank)
+    ckpt_every = cfg.scaling.checkpoint_every_steps
+    engine.train()
+    t_start = time.perf_counter()
+    step_images = 0
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        out: dict[str, torch.Tensor] = {}
+        for _ in range(accum):
+            x = next_images()
+            v1, v2 = views(x)
+            out = engine(v1, v2)
+            penalty = strategy.penalty(module)
+            loss = out["loss"] + penalty
+            engine.backward(loss)
+            engine.step()
+            images_seen += x.shape[0] * world
+            step_images += x.shape[0] * world
+        module.on_after_step()
+        if rank == 0:
+            rec = {"segment": segment, "step": step, "loss": float(out["loss"].detach().float()),
+                   "penalty": float(penalty.detach().float()) if torch.is_tensor(penalty) else float(penalty),
+                   "lr": float(sched.get_last_lr()[0]),
+                   "step_time_s": time.perf_counter() - t0}
+            rec.update({k: float(v.detach().float()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
+            steps_log.append(rec)
+            mlflow_logger.log(rec)
+        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < total_steps:
+            _report_checkpoint(engine, module, strategy, rank, step + 1, images_seen, skipped, steps_log,
+                               final=False, extra={"segment": segment})
+    train_time = time.perf_counter() - t_start
+
+    # Regularizers estimate parameter importance on this segment's data before it is gone.
+    if strategy.worker_plugins:
+        t_imp = time.perf_counter()
+        imp_batches = cfg.regularization.importance_batches
+
+        def imp_views() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for _ in range(imp_batches):
+                yield views(next_images())
+
+        def loss_fn(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+            return module(v1, v2)["loss"]
+
+        strategy.after_segment(module, imp_views(), loss_fn, imp_batches)
+        importance_time = time.perf_counter() - t_imp
+    else:
+        importance_time = 0.0
+
+    metrics = {
+        "train/loss": float(np.mean([r["loss"] for r in steps_log[-10:]])) if steps_log else float("nan"),
+        "train/images_seen": images_seen,
+        "train/steps": total_steps,
+        "train/images_per_s": step_images / max(train_time, 1e-9),
+        "train/skipped_images": skipped,
+        "time/train_loop_s": train_time,
+        "time/importance_s": importance_time,
+    }
+    mlflow_logger.close()
+    _report_checkpoint(engine, module, strategy, rank, total_steps, images_seen, skipped, steps_log,
+                       final=True, extra={"segment": segment, "metrics": metrics, "init_source": source},
+                       metrics=metrics)
+
+
+def _report_checkpoint(engine: Any, module: nn.Module, strategy: Any, rank: int, step: int, images_seen: int,
+                       skipped: int, steps_log: list[dict[str, Any]], *, final: bool, extra: dict[str, Any],
+                       metrics: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint on every rank and hand it to Ray Train, which merges the rank dirs.
+
+    In-segment checkpoints carry the DeepSpeed engine (optimizer shards live on every rank);
+    the final one only needs rank 0's model + strategy state.
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        if not final:
+            engine.save_checkpoint(os.path.join(d, ck.ENGINE_DIR), tag=f"step{step}")
+        if rank == 0:
+            ck.save_tensors(module.state_dict(), Path(d) / ck.MODEL_FILE)
+            state = strategy.worker_state()
+            if state:
+                ck.save_tensors(state, Path(d) / ck.STRATEGY_FILE)
+            with open(Path(d) / ck.STEPS_FILE, "w") as f:
+                for rec in steps_log:
+                    f.write(json.dumps(rec) + "\n")
+            meta = {"step": step, "images_seen": images_seen, "skipped_images": skipped, "final": final, **extra}
+            ck.write_json_atomic(Path(d) / ck.META_FILE, meta)
+        has_files = any(Path(d).iterdir())
+        checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
+        ray.train.report(dict(metrics or {"step": step}), checkpoint=checkpoint,
+                         checkpoint_dir_name=f"{'final' if final else 'step'}-{step:07d}")
+
+
+class _StepLogger:
+    """Rank 0 streams per-step metrics to the segment's MLflow run (when tracking is on)."""
+
+    def __init__(self, spec: dict[str, str] | None, rank: int, every: int = 5) -> None:
+        self.client = None
+        self.pending: list[Any] = []
+        self.every = every
+        if spec and rank == 0:
+            try:
+                from mlflow.tracking import MlflowClient
+
+                self.client = MlflowClient(tracking_uri=spec["tracking_uri"])
+                self.run_id = spec["run_id"]
+            except Exception as e:  # tracking must never stop training
+                print(f"warning: per-step MLflow logging disabled: {e}", flush=True)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k in ("loss", "penalty", "lr", "step_time_s"):
+            if k in rec and math.isfinite(rec[k]):
+                self.pending.append(Metric(f"train/{k}", rec[k], ts, rec["step"]))
+        if len(self.pending) >= self.every * 4:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.client is None or not self.pending:
+            return
+        try:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+        except Exception as e:
+            print(f"warning: MLflow log_batch failed: {e}", flush=True)
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
