@@ -97,3 +97,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if ckpts:
         return ckpts[-1]
     raise FileNotFoundError(f"{p}: not a streamssl run directory or segment checkpoint")
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (float32 view), to prove segment t starts where t-1 ended."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k]
+        if not torch.is_tensor(v):
+            continue
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]

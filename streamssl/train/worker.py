@@ -174,6 +174,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     model = build_model(cfg)
     source = load_initial_weights(model, cfg, loop_cfg.get("init_checkpoint"))
+    init_digest = ck.state_digest(model.state_dict())
     if cfg.init.bn_only:
         apply_bn_only(model)
     strategy = build_strategy(cfg)
@@ -291,7 +292,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     }
     mlflow_logger.close()
     _report_checkpoint(engine, module, strategy, rank, total_steps, images_seen, skipped, steps_log,
-                       final=True, extra={"segment": segment, "metrics": metrics, "init_source": source},
+                       final=True, extra={"segment": segment, "metrics": metrics, "init_source": source,
+                                          "init_digest": init_digest,
+                                          "final_digest": ck.state_digest(module.state_dict())},
                        metrics=metrics)
 
 

@@ -1,0 +1,170 @@
+"""End to end on a real local Ray cluster: 2 Ray Train workers, DeepSpeed engines, replay + MAS.
+
+These are the expensive tests (each TorchTrainer.fit costs ~30 s of start-up here), so they are
+few and check a lot at once:
+
+* a 3-segment stream whose driver is SIGKILLed after segment 0, then ``streamssl resume``:
+  every segment completes once, segment t starts from exactly segment t-1's final weights,
+  replay rows and MAS state are carried in the checkpoints;
+* a Ray Train worker process SIGKILLed mid-segment is restarted by Ray Train (FailureConfig)
+  from the latest in-segment checkpoint and the segment still completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.synthetic import make_image_folder
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> str:
+    from streamssl.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("e2e-src")
+    classes = [f"c{i}" for i in range(6)]
+    make_image_folder(root / "train", classes=classes, per_class=40, size=16, seed=1)
+    make_image_folder(root / "test", classes=classes, per_class=10, size=16, seed=2)
+    out = tmp_path_factory.mktemp("e2e-ds") / "ds"
+    ingest("folder", str(out), src=str(root), shard_rows=64, row_group_rows=16)
+    return str(out)
+
+
+def tiny_config(tmp_path: Path, dataset: str, run_dir: Path, ray_address: str, **extra: object) -> Path:
+    cfg = {
+        "name": "e2e",
+        "run_dir": str(run_dir),
+        "data": {"dataset_dir": dataset, "source": "folder", "image_size": 16, "channels": 1},
+        "stream": {"protocol": "class_random", "segments": 3, "seed": 0},
+        "ssl": {"method": "mocov2", "backbone": "small_cnn", "width": 8, "proj_hidden_dim": 32,
+                "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
+        "optim": {"batch_size": 8, "steps_per_segment": 4, "lr": 0.05},
+        "replay": {"size": 24, "ratio": 0.25},
+        "regularization": {"method": "mas", "lambda": 1.0, "importance_batches": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "ray_address": ray_address},
+        "eval": {"enabled": False},
+        "tracking": {"enabled": False},
+    }
+    for dotted, value in extra.items():
+        node = cfg
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _meta(run_dir: Path, t: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"segment-{t:03d}" / "meta.json").read_text())
+
+
+def _state(run_dir: Path) -> dict:
+    p = run_dir / "state.json"
+    return json.loads(p.read_text()) if p.is_file() else {"completed": []}
+
+
+def test_stream_driver_killed_then_resumed(tmp_path, tiny_dataset, ray_local):
+    run_dir = tmp_path / "run"
+    cfg_path = tiny_config(tmp_path, tiny_dataset, run_dir, ray_local)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "streamssl.cli"]
+    proc = subprocess.Popen([*cli, "train", str(cfg_path)], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_state(run_dir)["completed"]) < 1 and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, f"driver exited early:\n{proc.stdout.read()[-4000:]}"
+    assert len(_state(run_dir)["completed"]) == 1, "segment 0 did not complete in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-stream (segment 1 in flight)
+    proc.wait()
+    seg0 = _meta(run_dir, 0)
+    seg0_mtime = (run_dir / "checkpoints" / "segment-000" / "model.pt").stat().st_mtime
+
+    out = subprocess.run([*cli, "resume", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+    state = _state(run_dir)
+    assert [c["segment"] for c in state["completed"]] == [0, 1, 2]
+    # Segment 0 was not trained again, and every segment starts where the previous one ended.
+    assert _meta(run_dir, 0) == seg0
+    assert (run_dir / "checkpoints" / "segment-000" / "model.pt").stat().st_mtime == seg0_mtime
+    metas = [_meta(run_dir, t) for t in range(3)]
+    assert metas[0]["init_source"] == "random init"
+    for t in (1, 2):
+        assert metas[t]["init_digest"] == metas[t - 1]["final_digest"], f"segment {t} did not chain"
+        assert metas[t]["final_digest"] != metas[t]["init_digest"], f"segment {t} did not train"
+        assert metas[t]["init_source"].startswith("segment checkpoint")
+    # Replay: nothing to replay before segment 1; afterwards replay rows are mixed in.
+    replay_rows = [c["metrics"]["data/replay_rows"] for c in state["completed"]]
+    assert replay_rows[0] == 0 and replay_rows[1] > 0 and replay_rows[2] > 0
+    # Strategy state is in every checkpoint and loads safely.
+    import pyarrow.parquet as pq
+    import torch
+
+    for t in range(3):
+        ck = run_dir / "checkpoints" / f"segment-{t:03d}"
+        strategy = torch.load(ck / "strategy.pt", weights_only=True)
+        assert strategy, "MAS state missing"
+        torch.load(ck / "model.pt", weights_only=True)
+        buf = pq.read_table(next((ck / "replay").glob("*.parquet")))
+        assert 0 < buf.num_rows <= 24
+    # The exported encoder maps images to features.
+    import streamssl
+
+    enc = streamssl.load_encoder(run_dir)
+    x = torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8)
+    feats = enc(enc.preprocess(x))
+    assert feats.shape == (4, enc.feature_dim) and enc.input_spec.image_size == 16
+
+
+def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path, tiny_dataset, ray_local):
+    from ray.util.state import list_actors
+
+    from streamssl.config import load_config
+    from streamssl.train.driver import StreamRunner
+
+    run_dir = tmp_path / "run"
+    cfg_path = tiny_config(tmp_path, tiny_dataset, run_dir, ray_local, stream__segments=1,
+                           optim__steps_per_segment=120, scaling__checkpoint_every_steps=10,
+                           scaling__max_failures=2, replay__size=0, regularization__method="none")
+    cfg = load_config(cfg_path)
+    killed: dict[str, object] = {}
+
+    def kill_a_worker() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if any(run_dir.glob("ray/*/checkpoint*/step-*")) or any(run_dir.glob("ray/*/step-*")):
+                workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                           if "RayTrainWorker" in a.class_name and a.pid]
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed["pid"] = workers[-1].pid
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    results = StreamRunner(cfg, run_dir).run()
+    killer.join(timeout=5)
+    assert "pid" in killed, "no in-segment checkpoint appeared before the segment ended"
+    meta = _meta(run_dir, 0)
+    assert meta["final"] and meta["step"] == 120
+    assert meta["init_source"].startswith("in-segment checkpoint at step"), meta["init_source"]
+    assert len(results) == 1
