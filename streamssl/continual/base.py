@@ -1,0 +1,381 @@
+"""The continual-learning plugin protocol, the regularizer base, and the composed strategy.
+
+One training loop serves every strategy; strategies only *add* to it through a few hooks, in the
+spirit of Avalanche's strategy/plugin split but much smaller. Plugins live on one of two sides:
+
+* **driver** plugins (replay) see only image ids: which past rows to mix into the next segment
+  (``extra_datasets``) and what to remember once a segment is done (``after_segment_driver``).
+  They never touch tensors, so the driver stays free of model state.
+* **worker** plugins (MAS / EWC / L2-SP) run inside every Ray Train worker: a ``penalty`` added to
+  the SSL loss at every step, and ``after_segment`` to estimate parameter importance on the
+  segment's data before it is gone.
+
+Both kinds checkpoint their state with the segment (driver: ``<ckpt>/<plugin name>/``, worker:
+``strategy.pt`` written by rank 0), and a restored plugin behaves exactly like an uninterrupted one.
+
+:func:`build_strategy` turns a :class:`~streamssl.config.Config` into a :class:`Strategy` that
+composes whatever is configured (``replay.size > 0`` and/or ``regularization.method``), so
+replay + MAS is simply both plugins at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from streamssl.config import Config
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- the plugin protocol
+
+
+class StrategyPlugin:
+    """One continual-learning ingredient. Every hook has a no-op default; override what you need.
+
+    ``side`` tells :class:`Strategy` where the plugin runs; ``name`` keys its checkpoint state.
+    """
+
+    name: ClassVar[str] = "plugin"
+    side: ClassVar[Literal["driver", "worker"]] = "driver"
+
+    # -- driver side
+    def extra_datasets(self, segment: int) -> dict[str, pa.Table]:
+        """Extra row tables (image ids + metadata) to train on in ``segment``, keyed by dataset name."""
+        return {}
+
+    def after_segment_driver(self, segment: int, rows: pa.Table) -> None:
+        """``rows`` (this segment's own rows, not replayed ones) have just been trained on."""
+
+    # -- worker side
+    def penalty(self, module: nn.Module) -> Tensor | None:
+        """Term added to the SSL loss at every step; None = nothing to add."""
+        return None
+
+    def after_segment(self, module: nn.Module, batches: Batches, loss_fn: LossFn, max_batches: int) -> None:
+        """End of a segment on a worker: ``batches`` yields pairs of augmented views of its data."""
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"plugin {self.name!r} has no state but was given keys {sorted(state)[:5]}")
+
+    def save(self, directory: str | Path) -> None:
+        """Write the state into ``directory`` (created if needed); atomic per file."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _torch_save_atomic(self.state_dict(), d / f"{self.name}.pt")
+
+    def load(self, directory: str | Path) -> None:
+        path = Path(directory) / f"{self.name}.pt"
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- regularizers
+
+
+class Regularizer(StrategyPlugin):
+    """Quadratic pull toward earlier weights: ``λ/2 · Σ Ω · (θ − θ*)²``.
+
+    Subclasses only say how the importance Ω is estimated (:meth:`compute_importance`) and how a
+    new estimate is folded into the running one (:meth:`accumulate`); the penalty, the anchor θ*,
+    the cross-worker averaging, dtype handling and checkpointing are shared here.
+
+    * Regularized parameters are the module's parameters with ``requires_grad``, matched by name.
+      Momentum/EMA targets are frozen (``requires_grad=False``) and so excluded automatically;
+      parameters absent from the anchor (new heads, a changed model) are skipped.
+    * Ω and θ* are float32 even when DeepSpeed runs the module in bf16: bf16 keeps ~3 significant
+      digits, so ``θ − θ*`` of a slowly drifting weight would round to 0 and the pull vanish.
+    * With ``torch.distributed`` initialized, importance is averaged over all workers' samples so
+      every rank holds the same Ω (params are replicated under ZeRO 0-2, so θ* is already equal).
+    * Estimating importance runs forward passes; every buffer of the module (BatchNorm running
+      stats, MoCo's queue and pointer) is restored afterwards, so the checkpointed model is the
+      one that was trained, not one nudged by the importance pass.
+    """
+
+    side = "worker"
+    #: False for L2-SP: Ω ≡ 1, nothing to estimate, no data needed.
+    uses_importance: ClassVar[bool] = True
+
+    def __init__(self, lambda_: float = 1.0) -> None:
+        if lambda_ < 0:
+            raise ValueError(f"regularization lambda must be >= 0, got {lambda_}")
+        self.lambda_ = float(lambda_)
+        self.omega: dict[str, Tensor] = {}
+        self.anchor: dict[str, Tensor] = {}
+        self.segments = 0  # segments whose importance has been folded in
+
+    # -- to implement
+    def compute_importance(self, module: nn.Module, batches: Batches, loss_fn: LossFn,
+                           max_batches: int) -> dict[str, Tensor]:
+        """This segment's Ω per parameter name (float32), already averaged over workers.
+
+        Implementations consume at most ``max_batches`` items of ``batches`` (see :func:`take`) and
+        finish with :meth:`_mean_over_workers`, which every rank must reach.
+        """
+        raise NotImplementedError
+
+    def accumulate(self, old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fold this segment's importance into the running one."""
+        raise NotImplementedError
+
+    # -- shared machinery
+    @staticmethod
+    def regularized_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def penalty(self, module: nn.Module) -> Tensor:
+        """``λ/2 · Σ Ω (θ − θ*)²`` in float32; exactly 0 before the first segment has finished."""
+        params = list(module.named_parameters())
+        device = params[0][1].device if params else torch.device("cpu")
+        if not self.anchor or self.lambda_ == 0.0:
+            return torch.zeros((), device=device)
+        self._to_device(device)
+        total: Tensor | None = None
+        for name, p in params:
+            if not p.requires_grad:
+                continue
+            anchor = self.anchor.get(name)
+            if anchor is None:
+                continue
+            if anchor.shape != p.shape:
+                raise ValueError(f"{self.name}: parameter {name} has shape {tuple(p.shape)} but its anchor "
+                                 f"{tuple(anchor.shape)}; the model changed between segments")
+            diff = p.float() - anchor
+            sq = diff * diff
+            if self.uses_importance:
+                sq = sq * self.omega[name]
+            term = sq.sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros((), device=device)
+        return 0.5 * self.lambda_ * total
+
+    def after_segment(self, module: nn.Module, batches: Batches, loss_fn: LossFn, max_batches: int) -> None:
+        """Estimate Ω on this segment's data (on all ranks in lockstep), then move the anchor here."""
+        regularized = self.regularized_parameters(module)
+        if self.uses_importance:
+            saved = [(b, b.detach().clone()) for b in module.buffers()]
+            try:
+                new = self.compute_importance(module, batches, loss_fn, max_batches)
+            finally:
+                with torch.no_grad():
+                    for b, copy in saved:
+                        b.copy_(copy)
+            self._to_device(next(iter(new.values())).device if new else None)
+            self.omega = self.accumulate(self.omega, new)
+            names = [n for n in regularized if n in self.omega]
+        else:
+            names = list(regularized)
+        self.anchor = {n: regularized[n].detach().float().clone() for n in names}
+        self.segments += 1
+
+    def _to_device(self, device: torch.device | None) -> None:
+        if device is None:
+            return
+        for d in (self.omega, self.anchor):
+            for k, v in d.items():
+                if v.device != device:
+                    d[k] = v.to(device)
+
+    @staticmethod
+    def _mean_over_workers(sums: dict[str, Tensor], count: float, what: str) -> dict[str, Tensor]:
+        """``Σ_workers sums / Σ_workers count``: the mean over every worker's terms, same on all ranks.
+
+        Weighting by counts (not a mean of per-worker means) keeps the estimate exact when workers
+        saw different numbers of samples; with equal counts both coincide.
+        """
+        names = list(sums)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = sums[names[0]].device if names else torch.device("cpu")
+            if dist.get_backend() == "nccl" and device.type != "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
+            flat = torch.cat([sums[n].reshape(-1).to(device) for n in names]
+                             + [torch.tensor([float(count)], dtype=torch.float32, device=device)])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            count = float(flat[-1].item())
+            out, offset = {}, 0
+            for n in names:
+                k = sums[n].numel()
+                out[n] = flat[offset:offset + k].view_as(sums[n]).to(sums[n].device)
+                offset += k
+            sums = out
+        if count <= 0:
+            raise ValueError(f"no {what} to estimate importance from: the importance pass got no data")
+        return {n: v / count for n, v in sums.items()}
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        """Flat dict of CPU float32 tensors + plain scalars (loads with ``weights_only=True``)."""
+        sd: dict[str, Any] = {"method": self.name, "segments": self.segments}
+        sd.update({f"omega.{n}": v.detach().cpu().clone() for n, v in self.omega.items()})
+        sd.update({f"anchor.{n}": v.detach().cpu().clone() for n, v in self.anchor.items()})
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        method = state.get("method")
+        if method != self.name:
+            raise ValueError(f"state is for regularizer {method!r}, not {self.name!r}")
+        omega, anchor = {}, {}
+        for k, v in state.items():
+            if k.startswith("omega."):
+                omega[k[len("omega."):]] = v.detach().float().clone()
+            elif k.startswith("anchor."):
+                anchor[k[len("anchor."):]] = v.detach().float().clone()
+            elif k not in ("method", "segments"):
+                raise ValueError(f"unexpected key {k!r} in {self.name} state")
+        orphans = sorted(set(anchor) - set(omega)) if self.uses_importance else []
+        if orphans:
+            raise ValueError(f"{self.name} state has anchors without importance: {orphans[:5]}")
+        self.omega, self.anchor, self.segments = omega, anchor, int(state.get("segments", 0))
+
+    def describe(self) -> str:
+        return f"{self.name}(lambda={self.lambda_:g})"
+
+
+# --------------------------------------------------------------------------- the composed strategy
+
+
+class Strategy:
+    """The configured plugins, with one method per call site in the driver and the worker."""
+
+    def __init__(self, plugins: Iterable[StrategyPlugin] = (), *, base: str = "naive") -> None:
+        self.plugins = list(plugins)
+        self.base = base
+        names = [p.name for p in self.plugins]
+        if len(set(names)) != len(names):
+            raise ValueError(f"plugin names must be unique (they key checkpoint state): {names}")
+        self.driver_plugins = [p for p in self.plugins if p.side == "driver"]
+        self.worker_plugins = [p for p in self.plugins if p.side == "worker"]
+
+    @property
+    def name(self) -> str:
+        return "+".join([self.base] + [p.describe() for p in self.plugins])
+
+    # -- driver side
+    def extra_datasets(self, segment: int) -> dict[str, pa.Table]:
+        out: dict[str, pa.Table] = {}
+        for p in self.driver_plugins:
+            for k, v in p.extra_datasets(segment).items():
+                if k in out:
+                    raise ValueError(f"two plugins both provide dataset {k!r}")
+                out[k] = v
+        return out
+
+    def sample_replay(self, num_rows: int, seed: int) -> pa.Table:
+        """``num_rows`` replay rows for the next segment (see ``ReplayBuffer.sample_for_segment``)."""
+        replay = [p for p in self.driver_plugins if hasattr(p, "sample_for_segment")]
+        if not replay:
+            raise RuntimeError("sample_replay called but no replay plugin is configured (replay.size=0)")
+        return replay[0].sample_for_segment(num_rows, seed)  # type: ignore[attr-defined]
+
+    def after_segment_driver(self, segment: int, rows: pa.Table) -> None:
+        for p in self.driver_plugins:
+            p.after_segment_driver(segment, rows)
+
+    def save_driver_state(self, checkpoint_dir: str | Path) -> None:
+        for p in self.driver_plugins:
+            p.save(Path(checkpoint_dir) / p.name)
+
+    def load_driver_state(self, checkpoint_dir: str | Path) -> None:
+        for p in self.driver_plugins:
+            d = Path(checkpoint_dir) / p.name
+            if not d.is_dir():
+                raise FileNotFoundError(f"{checkpoint_dir} holds no state for plugin {p.name!r} ({d} missing): "
+                                        "was it written with a different strategy configuration?")
+            p.load(d)
+
+    # -- worker side
+    def penalty(self, module: nn.Module) -> Tensor:
+        total: Tensor | None = None
+        for p in self.worker_plugins:
+            term = p.penalty(module)
+            if term is not None:
+                total = term if total is None else total + term
+        if total is None:
+            param = next(module.parameters(), None)
+            return torch.zeros((), device=param.device if param is not None else "cpu")
+        return total
+
+    def after_segment(self, module: nn.Module, batches: Batches, loss_fn: LossFn, max_batches: int) -> None:
+        # An iterator can be consumed once; several data-hungry plugins each need the same batches.
+        hungry = [p for p in self.worker_plugins if getattr(p, "uses_importance", True)]
+        if len(hungry) > 1:
+            batches = list(itertools.islice(iter(batches), max_batches))
+        for p in self.worker_plugins:
+            p.after_segment(module, batches, loss_fn, max_batches)
+
+    def worker_state(self) -> dict[str, Any]:
+        """All worker plugins' state in one flat dict, keys prefixed ``<plugin>/``."""
+        return {f"{p.name}/{k}": v for p in self.worker_plugins for k, v in p.state_dict().items()}
+
+    def load_worker_state(self, state: dict[str, Any]) -> None:
+        known = {p.name for p in self.worker_plugins}
+        unknown = sorted({k.split("/", 1)[0] for k in state} - known)
+        if unknown:
+            raise ValueError(f"checkpoint has state for strategy plugins {unknown} that this run does not "
+                             f"configure (configured: {sorted(known) or 'none'})")
+        for p in self.worker_plugins:
+            prefix = f"{p.name}/"
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if part:
+                p.load_state_dict(part)
+
+
+def take(batches: Batches, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """At most ``max_batches`` items; never pulls one more from the source than it yields."""
+    if max_batches <= 0:
+        return
+    for i, item in enumerate(batches):
+        yield item
+        if i + 1 >= max_batches:
+            return
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    """Compose the plugins a config asks for: replay (``replay.size > 0``) and/or a regularizer.
+
+    ``strategy: joint`` trains on all segments so far (the driver reads them itself) and takes no
+    plugins; combining it with a regularizer is rejected rather than silently ignored.
+    """
+    from streamssl.continual.regularizers import REGULARIZERS
+    from streamssl.continual.replay import ReplayBuffer, ReplayPlugin
+
+    reg = cfg.regularization
+    if cfg.strategy == "joint":
+        if cfg.replay.size > 0 or reg.method != "none":
+            raise ValueError("strategy 'joint' already trains on all past data: set replay.size=0 and "
+                             "regularization.method=none")
+        return Strategy([], base="joint")
+    plugins: list[StrategyPlugin] = []
+    if cfg.replay.size > 0:
+        plugins.append(ReplayPlugin(ReplayBuffer(cfg.replay.size, cfg.replay.policy, seed=cfg.seed)))
+    if reg.method != "none":
+        if reg.method not in REGULARIZERS:
+            raise ValueError(f"regularization.method {reg.method!r}; allowed: none, {', '.join(REGULARIZERS)}")
+        plugins.append(REGULARIZERS[reg.method](lambda_=reg.lambda_))
+    return Strategy(plugins, base=cfg.strategy)

@@ -1,0 +1,42 @@
+"""Self-supervised learning parts: encoders, heads, batched augmentation, methods, losses.
+
+``build_method(cfg.ssl, in_channels)`` is all the training loop needs; the encoder to evaluate and
+export is ``method.backbone``.
+"""
+
+from __future__ import annotations
+
+from streamssl.config import SSLConfig
+from streamssl.ssl.augment import build_augment, eval_transform, normalization
+from streamssl.ssl.backbones import build_backbone, load_torchvision_state_dict
+from streamssl.ssl.barlow_twins import BarlowTwins
+from streamssl.ssl.base import SSLMethod, ema_update
+from streamssl.ssl.byol import BYOL
+from streamssl.ssl.mocov2 import MoCoV2
+from streamssl.ssl.simclr import SimCLR
+from streamssl.ssl.simsiam import SimSiam
+
+METHODS: dict[str, type[SSLMethod]] = {
+    cls.name: cls for cls in (MoCoV2, SimCLR, BYOL, SimSiam, BarlowTwins)
+}
+
+
+def build_method(cfg: SSLConfig, in_channels: int) -> SSLMethod:
+    """Backbone from ``cfg.backbone`` wrapped in the ``cfg.method`` SSL method."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown SSL method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    backbone = build_backbone(cfg.backbone, in_channels, width=cfg.width, cifar_stem=cfg.cifar_stem)
+    return METHODS[cfg.method].from_config(backbone, cfg)
+
+
+__all__ = [
+    "METHODS",
+    "SSLMethod",
+    "build_augment",
+    "build_backbone",
+    "build_method",
+    "ema_update",
+    "eval_transform",
+    "load_torchvision_state_dict",
+    "normalization",
+]

@@ -1,0 +1,89 @@
+"""MoCo v2 (Chen et al., 2020): InfoNCE against a momentum key encoder and a queue of past keys.
+
+Why a queue in a streaming setting: the number of negatives is decoupled from the batch size, which
+is small per CPU worker. Keys from *all* workers are enqueued (gathered without gradient), so every
+rank holds the identical queue and the effective negative set grows with the worker count.
+
+Choices: the loss is symmetric (each view is once query, once key), as in solo-learn's MoCo v2+,
+which trains faster per image; the projector is MoCo v2's Linear-ReLU-Linear without BatchNorm.
+Shuffle-BN is not implemented: with Ray Train each worker computes BN statistics over its own
+keys only, and symmetric loss plus the BN-free projector keep the in-batch leak small in practice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from streamssl.config import SSLConfig
+from streamssl.ssl import distributed as D
+from streamssl.ssl.base import SSLMethod, make_target
+from streamssl.ssl.heads import MLPHead
+from streamssl.ssl.losses import info_nce
+
+
+class MoCoV2(SSLMethod):
+    name = "mocov2"
+    target_pairs = (("key_backbone", "backbone"), ("key_projector", "projector"))
+    extra_state_buffers = ("queue", "queue_ptr")
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_hidden_dim: int = 512,
+        proj_dim: int = 128,
+        temperature: float = 0.2,
+        queue_size: int = 4096,
+        momentum: float = 0.99,
+    ) -> None:
+        super().__init__(backbone)
+        self.temperature = temperature
+        self.momentum = momentum
+        self.projector = MLPHead(self.feature_dim, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=False)
+        self.key_backbone = make_target(self.backbone)
+        self.key_projector = make_target(self.projector)
+        # A fixed-seed generator makes the initial queue identical on every rank regardless of
+        # the global RNG state, so ranks agree from step 0 (DeepSpeed broadcasts only parameters).
+        gen = torch.Generator().manual_seed(0)
+        queue = F.normalize(torch.randn(queue_size, proj_dim, generator=gen), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, cfg: SSLConfig) -> "MoCoV2":
+        return cls(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.temperature, cfg.queue_size, cfg.momentum)
+
+    def _query(self, x: Tensor) -> Tensor:
+        return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
+
+    def _key(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            h = self.target_forward(self.key_backbone, x)
+            return F.normalize(self.key_projector(h).float(), dim=1)
+
+    def forward(self, view1: Tensor, view2: Tensor) -> dict[str, Tensor]:
+        q1, q2 = self._query(view1), self._query(view2)
+        k1, k2 = self._key(view1), self._key(view2)
+        queue = self.queue  # the losses normalize it into new tensors, so enqueueing later is safe
+        loss = 0.5 * (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature))
+        out = {"loss": loss, "pos_sim": self.pos_sim(q1, k2), "z_std": self.embedding_std(q1)}
+        if queue.shape[0] > 0:
+            out["neg_sim"] = (q1.detach() @ queue.T).mean()  # before the enqueue overwrites it
+        if self.training:
+            # One key per image (view 2's) keeps "queue_size" = that many past images.
+            self.enqueue(D.gather_no_grad(k2))
+        return out
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write ``keys`` at the pointer, wrapping around; keep only the newest if they overflow."""
+        size = self.queue.shape[0]
+        if size == 0:
+            return
+        keys = keys.detach().to(self.queue.dtype)[-size:]
+        n = keys.shape[0]
+        # Pointer arithmetic stays on the device: no host sync per step on GPU.
+        idx = (torch.arange(n, device=self.queue.device) + self.queue_ptr) % size
+        self.queue.index_copy_(0, idx, keys)
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+``ray_local``: one small local Ray cluster for the whole test session (starting Ray costs seconds,
+so modules share it). It yields the cluster's address, which other processes (a CLI subprocess,
+``ray.init(address=...)``) can attach to. num_cpus=2 matches the CI machines; Ray Train tests must
+size workers below one CPU each (the 2-core deadlock in the project's stack notes) so Ray Data keeps a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[str]:
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=int(os.environ.get("STREAMSSL_TEST_RAY_CPUS", "2")),
+            include_dashboard=False,
+            # A bounded object store: the machine is shared and test datasets are tiny.
+            object_store_memory=int(os.environ.get("STREAMSSL_TEST_OBJECT_STORE_MB", "512")) << 20,
+            configure_logging=False,
+        )
+        started = True
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -1,0 +1,528 @@
+"""Continual strategies: replay buffer statistics and exact resume, regularizers checked by hand."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from streamssl.config import Config
+from streamssl.continual import (
+    EWC,
+    L2SP,
+    MAS,
+    ReplayBuffer,
+    ReplayPlugin,
+    Strategy,
+    balanced_quotas,
+    build_strategy,
+)
+
+# --------------------------------------------------------------------------- replay helpers
+
+
+def _rows(start: int, n: int, segment: int | None = None) -> pa.Table:
+    """``n`` stream rows with global indices ``start..start+n-1`` (``idx`` is an extra column)."""
+    idx = np.arange(start, start + n, dtype=np.int64)
+    cols = {"image_id": pa.array([f"img-{i:07d}" for i in idx]), "idx": pa.array(idx)}
+    if segment is not None:
+        cols["segment"] = pa.array(np.full(n, segment, np.int32))
+    return pa.table(cols)
+
+
+def _idx(buf: ReplayBuffer) -> np.ndarray:
+    return buf.rows()["idx"].to_numpy()
+
+
+SEGMENTS = [_rows(0, 120, 0), _rows(120, 300, 1), _rows(420, 80, 2)]
+
+
+def _feed(buf: ReplayBuffer, segments: list[pa.Table], first: int = 0) -> ReplayBuffer:
+    for s, t in enumerate(segments, start=first):
+        buf.update(t, s)
+    return buf
+
+
+# --------------------------------------------------------------------------- replay: reservoir
+
+
+def test_reservoir_fills_first_then_never_exceeds_capacity():
+    buf = ReplayBuffer(50, "reservoir", seed=0)
+    buf.update(_rows(0, 30), 0)  # no segment column: it is added
+    assert len(buf) == 30 and sorted(_idx(buf)) == list(range(30))
+    assert buf.rows().column_names == ["image_id", "segment", "idx"]
+    assert buf.rows()["segment"].type == pa.int32()
+    sizes = []
+    for s, n in enumerate([40, 100, 1, 500], start=1):
+        buf.update(_rows(buf.seen, n, s), s)
+        sizes.append(len(buf))
+        assert len(set(_idx(buf))) == len(buf)  # no duplicates
+    assert sizes == [50, 50, 50, 50] and buf.seen == 671
+    assert buf.seen_per_segment == {0: 30, 1: 40, 2: 100, 3: 1, 4: 500}
+    assert sum(buf.segment_counts().values()) == 50
+
+
+def test_reservoir_inclusion_is_uniform_over_the_stream():
+    trials, n, k = 200, 1000, 100
+    segs = [_rows(i, 250, s) for s, i in enumerate(range(0, n, 250))]
+    counts = np.zeros(n)
+    for seed in range(trials):
+        buf = _feed(ReplayBuffer(k, "reservoir", seed=seed), segs)
+        assert len(buf) == k
+        counts[_idx(buf)] += 1
+    freq = counts / trials
+    # Each item's frequency: mean 0.1, sd ~0.021 over 200 trials.
+    assert abs(freq.mean() - 0.1) < 1e-12
+    assert np.abs(freq - 0.1).max() < 0.11
+    # Blocks of 100 items (sd ~0.002): early, middle and late parts of the stream are equally kept.
+    blocks = freq.reshape(10, 100).mean(axis=1)
+    assert np.abs(blocks - 0.1).max() < 0.012, blocks
+    # Chi-square of the per-item counts against uniform (999 dof: mean <= 999, sd ~45).
+    expected = trials * k / n
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert 700 < chi2 < 1250, chi2
+
+
+def test_reservoir_processes_a_million_rows_quickly():
+    big = pa.table({"image_id": pa.array(np.char.add("id", np.arange(1_000_000).astype(str)))})
+    buf = ReplayBuffer(5000, "reservoir", seed=0)
+    buf.update(_rows(0, 10, 0), 0)
+    t0 = time.perf_counter()
+    buf.update(big, 1)
+    assert time.perf_counter() - t0 < 5.0
+    assert len(buf) == 5000 and buf.seen == 1_000_010
+    # ~5000 * 1e6 / (1e6 + 10) of the rows come from the big segment.
+    assert buf.segment_counts()[1] > 4980
+
+
+# --------------------------------------------------------------------------- replay: balanced
+
+
+def test_balanced_quotas_water_filling():
+    assert balanced_quotas(90, {0: 100, 1: 100, 2: 100}) == {0: 30, 1: 30, 2: 30}
+    assert balanced_quotas(100, {0: 100, 1: 100, 2: 100}) == {0: 34, 1: 33, 2: 33}
+    assert balanced_quotas(100, {0: 90, 1: 10, 2: 1000}) == {0: 45, 1: 10, 2: 45}
+    assert balanced_quotas(100, {0: 20, 1: 30}) == {0: 20, 1: 30}
+    assert balanced_quotas(10, {0: 0, 1: 50}) == {0: 0, 1: 10}
+
+
+def test_balanced_gives_each_segment_an_equal_share():
+    buf = ReplayBuffer(90, "balanced", seed=3)
+    kept_before: set[int] = set()
+    for s in range(3):
+        buf.update(_rows(1000 * s, 200, s), s)
+        counts = buf.segment_counts()
+        assert counts == {t: 90 // (s + 1) for t in range(s + 1)}
+        now = set(_idx(buf))
+        # Past segments only shrink: no row of theirs reappears after being dropped.
+        assert {i for i in now if i < 1000 * s} <= kept_before
+        kept_before = now
+    rows = buf.rows()
+    assert rows["segment"].to_pylist() == sorted(rows["segment"].to_pylist())  # deterministic order
+    # A small segment keeps all its rows; the others split the rest.
+    buf.update(_rows(5000, 4, 3), 3)
+    assert buf.segment_counts() == {0: 29, 1: 29, 2: 28, 3: 4}
+    assert len(buf) == 90
+
+
+def test_balanced_subsets_are_uniform_within_a_segment():
+    counts = np.zeros(200)
+    for seed in range(100):
+        buf = ReplayBuffer(40, "balanced", seed=seed)
+        buf.update(_rows(0, 200, 0), 0)
+        buf.update(_rows(200, 200, 1), 1)  # segment 0 shrinks from 40 to 20 rows
+        counts[_idx(buf)[_idx(buf) < 200]] += 1
+    freq = counts / 100  # expected 20/200 = 0.1 for every row of segment 0
+    assert np.abs(freq.reshape(4, 50).mean(axis=1) - 0.1).max() < 0.02
+
+
+# --------------------------------------------------------------------------- replay: determinism, resume
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "balanced"])
+def test_replay_is_deterministic_for_a_seed_and_differs_across_seeds(policy):
+    a = _feed(ReplayBuffer(60, policy, seed=7), SEGMENTS).rows()
+    b = _feed(ReplayBuffer(60, policy, seed=7), SEGMENTS).rows()
+    c = _feed(ReplayBuffer(60, policy, seed=8), SEGMENTS).rows()
+    assert a.equals(b)
+    assert not a.equals(c)
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "balanced"])
+def test_save_load_round_trip_and_resumed_future_choices(tmp_path, policy):
+    continuous = _feed(ReplayBuffer(60, policy, seed=5), SEGMENTS)
+
+    first = _feed(ReplayBuffer(60, policy, seed=5), SEGMENTS[:2])
+    first.sample_for_segment(500, seed=1)  # sampling must not perturb the buffer's own RNG
+    first.save(tmp_path / "replay")
+    assert sorted(p.name for p in (tmp_path / "replay").iterdir()) == ["replay.parquet", "replay_state.json"]
+    state = json.loads((tmp_path / "replay" / "replay_state.json").read_text())
+    assert state["policy"] == policy and state["capacity"] == 60 and state["seen"] == 420
+    assert state["seen_per_segment"] == {"0": 120, "1": 300}
+
+    restored = ReplayBuffer.load(tmp_path / "replay")
+    assert restored.rows().equals(first.rows())
+    assert restored.state_dict() == first.state_dict()
+    assert restored.sample_for_segment(77, seed=3).equals(first.sample_for_segment(77, seed=3))
+    restored.update(SEGMENTS[2], 2)
+    assert restored.rows().equals(continuous.rows())
+    assert restored.state_dict() == continuous.state_dict()
+
+
+def test_load_rejects_files_from_different_saves(tmp_path):
+    a = _feed(ReplayBuffer(30, "reservoir", seed=0), SEGMENTS[:1])
+    b = _feed(ReplayBuffer(30, "reservoir", seed=1), SEGMENTS[:1])
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    (tmp_path / "a" / "replay.parquet").write_bytes((tmp_path / "b" / "replay.parquet").read_bytes())
+    with pytest.raises(ValueError, match="different saves"):
+        ReplayBuffer.load(tmp_path / "a")
+
+
+def test_sample_for_segment():
+    buf = _feed(ReplayBuffer(50, "reservoir", seed=0), SEGMENTS[:1])
+    few = buf.sample_for_segment(20, seed=1)
+    assert few.num_rows == 20 and len(set(few["image_id"].to_pylist())) == 20
+    assert set(few["image_id"].to_pylist()) <= set(buf.rows()["image_id"].to_pylist())
+    assert few.equals(buf.sample_for_segment(20, seed=1))
+    assert not few.equals(buf.sample_for_segment(20, seed=2))
+    many = buf.sample_for_segment(130, seed=1)  # with replacement: every row 2 or 3 times
+    _, reps = np.unique(many["image_id"].to_numpy(zero_copy_only=False), return_counts=True)
+    assert many.num_rows == 130 and reps.size == 50 and set(reps) == {2, 3}
+    assert buf.sample_for_segment(0, seed=1).num_rows == 0
+    with pytest.raises(ValueError, match="empty"):
+        ReplayBuffer(5).sample_for_segment(3, seed=0)
+
+
+def test_update_validates_rows():
+    buf = ReplayBuffer(10, seed=0)
+    with pytest.raises(ValueError, match="image_id"):
+        buf.update(pa.table({"id": ["a"]}), 0)
+    with pytest.raises(ValueError, match="other segment"):
+        buf.update(_rows(0, 5, segment=1), 0)
+    with_bytes = _rows(0, 5, 0).append_column("image", pa.array([b"\x89PNG"] * 5, pa.binary()))
+    buf.update(with_bytes, 0)
+    assert "image" not in buf.rows().column_names  # ids only, never image bytes
+    with pytest.raises(ValueError, match="already"):
+        buf.update(_rows(5, 5, 0), 0)
+
+
+# --------------------------------------------------------------------------- regularizers: helpers
+
+
+class Tiny(nn.Module):
+    """f(x) = W x (the encoder), a head, a frozen EMA copy, and a buffer the forward mutates."""
+
+    def __init__(self, w: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(3, 2, bias=False)
+        self.head = nn.Linear(2, 2)
+        self.target = nn.Linear(3, 2, bias=False)
+        self.target.requires_grad_(False)
+        self.register_buffer("calls", torch.zeros(()))
+        with torch.no_grad():
+            self.backbone.weight.copy_(w if w is not None else torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.0, -1.0]]))
+            self.head.weight.copy_(torch.tensor([[1.0, 0.5], [-0.5, 2.0]]))
+            self.head.bias.zero_()
+            self.target.weight.copy_(self.backbone.weight)
+
+    def ssl_loss(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        """L = Σ_i (W a_i)·(W b_i): simple enough to differentiate by hand."""
+        self.calls += 1
+        return (self.backbone(v1) * self.backbone(v2)).sum()
+
+
+def _x(seed: int, n: int) -> torch.Tensor:
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def _mas_by_hand(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """mean_i |2 (W x_i) x_iᵀ|, the MAS importance of W for f(x) = W x."""
+    return torch.stack([(2 * torch.outer(w @ x, x)).abs() for x in xs]).mean(0)
+
+
+def _ewc_by_hand(w: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """mean_batches (∂L/∂W)² with ∂L/∂W = W Σ_i (a_i b_iᵀ + b_i a_iᵀ)."""
+    grads = [w @ (a.T @ b + b.T @ a) for a, b in pairs]
+    return torch.stack([g**2 for g in grads]).mean(0)
+
+
+def _no_loss(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("this regularizer must not evaluate the SSL loss")
+
+
+def _no_batches():
+    raise AssertionError("this regularizer must not read data")
+    yield  # pragma: no cover  (makes this a generator: it fails only when iterated)
+
+
+# --------------------------------------------------------------------------- MAS / EWC / L2SP
+
+
+def test_mas_importance_matches_the_hand_computation():
+    m = Tiny()
+    w = m.backbone.weight.detach().clone()
+    b1, b2, b3 = (_x(1, 4), _x(2, 4)), (_x(3, 2), _x(4, 2)), (_x(5, 3), _x(6, 3))
+    reg = MAS(lambda_=1.0)
+    assert reg.penalty(m).item() == 0.0  # nothing learned yet
+    reg.after_segment(m, iter([b1, b2, b3]), _no_loss, max_batches=2)  # b3 is beyond max_batches
+    expected = _mas_by_hand(w, torch.cat([b1[0], b2[0]]))
+    assert set(reg.omega) == {"backbone.weight"} == set(reg.anchor)  # heads and EMA target excluded
+    assert torch.allclose(reg.omega["backbone.weight"], expected, atol=1e-6)
+    # Per-sample absolute values, not |mean gradient| (which would cancel signs).
+    batch_level = (2 * (w @ torch.cat([b1[0], b2[0]]).T) @ torch.cat([b1[0], b2[0]]) / 6).abs()
+    assert not torch.allclose(expected, batch_level, atol=1e-3)
+    assert torch.equal(reg.anchor["backbone.weight"], w)
+
+
+def test_mas_accumulates_the_mean_over_segments():
+    m = Tiny()
+    reg = MAS()
+    xa, xb = _x(10, 5), _x(11, 5)
+    w1 = m.backbone.weight.detach().clone()
+    reg.after_segment(m, [(xa, xa)], _no_loss, 1)
+    with torch.no_grad():
+        m.backbone.weight.mul_(-1.5).add_(0.2)
+    w2 = m.backbone.weight.detach().clone()
+    reg.after_segment(m, [(xb, xb)], _no_loss, 1)
+    expected = (_mas_by_hand(w1, xa) + _mas_by_hand(w2, xb)) / 2
+    assert torch.allclose(reg.omega["backbone.weight"], expected, atol=1e-5)
+    assert torch.equal(reg.anchor["backbone.weight"], w2) and reg.segments == 2
+
+
+def test_ewc_fisher_matches_the_hand_computation_and_decays_online():
+    m = Tiny()
+    w1 = m.backbone.weight.detach().clone()
+    pairs = [(_x(20, 4), _x(21, 4)), (_x(22, 4), _x(23, 4))]
+    reg = EWC(lambda_=2.0, gamma=0.5)
+    reg.after_segment(m, iter(pairs), m.ssl_loss, max_batches=5)
+    f1 = _ewc_by_hand(w1, pairs)
+    assert torch.allclose(reg.omega["backbone.weight"], f1, rtol=1e-5, atol=1e-6)
+    # The head does not enter this loss: zero Fisher; the frozen target is not regularized.
+    assert torch.equal(reg.omega["head.weight"], torch.zeros(2, 2))
+    assert "target.weight" not in reg.omega and "target.weight" not in reg.anchor
+    assert int(m.calls) == 0  # the module's buffers are restored after the importance pass
+
+    with torch.no_grad():
+        m.backbone.weight.add_(0.3)
+    w2 = m.backbone.weight.detach().clone()
+    pairs2 = [(_x(30, 3), _x(31, 3))]
+    reg.after_segment(m, iter(pairs2), m.ssl_loss, max_batches=5)
+    expected = 0.5 * f1 + _ewc_by_hand(w2, pairs2)
+    assert torch.allclose(reg.omega["backbone.weight"], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(reg.anchor["backbone.weight"], w2)
+
+
+def test_penalty_is_zero_at_the_anchor_and_matches_the_hand_value_when_displaced():
+    m = Tiny()
+    pairs = [(_x(40, 4), _x(41, 4))]
+    reg = EWC(lambda_=3.0)
+    reg.after_segment(m, pairs, m.ssl_loss, 1)
+    assert reg.penalty(m).item() == 0.0
+    delta = torch.tensor([[0.1, -0.2, 0.3], [0.05, 0.0, -0.4]])
+    with torch.no_grad():
+        m.backbone.weight.add_(delta)
+        m.head.bias.add_(torch.tensor([1.0, -1.0]))  # Ω = 0 there: no contribution
+        m.target.weight.add_(5.0)  # frozen EMA network: not regularized
+    omega = reg.omega["backbone.weight"]
+    expected = 0.5 * 3.0 * (omega * delta**2).sum()
+    pen = reg.penalty(m)
+    assert pen.dtype == torch.float32
+    assert torch.allclose(pen, expected, rtol=1e-5)
+
+    # The gradient is λ Ω (θ − θ*) and a gradient step moves the weights toward the anchor.
+    pen.backward()
+    assert torch.allclose(m.backbone.weight.grad, 3.0 * omega * delta, rtol=1e-5, atol=1e-7)
+    before = (m.backbone.weight - reg.anchor["backbone.weight"]).abs().sum().item()
+    with torch.no_grad():
+        m.backbone.weight.sub_(0.01 * m.backbone.weight.grad)
+    after = (m.backbone.weight - reg.anchor["backbone.weight"]).abs().sum().item()
+    assert after < before and reg.penalty(m).item() < pen.item()
+
+
+def test_parameters_missing_from_the_anchor_are_skipped():
+    m = Tiny()
+    reg = L2SP(lambda_=1.0)
+    reg.after_segment(m, _no_batches(), _no_loss, 10)  # L2-SP needs no data
+    assert set(reg.anchor) == {"backbone.weight", "head.weight", "head.bias"} and not reg.omega
+    del reg.anchor["head.weight"]
+    with torch.no_grad():
+        m.head.weight.add_(1.0)
+        m.backbone.weight.add_(0.5)
+    assert torch.allclose(reg.penalty(m), torch.tensor(0.5 * 6 * 0.25))
+
+
+def test_l2sp_pulls_toward_the_previous_segment_weights():
+    m = Tiny()
+    reg = L2SP(lambda_=0.5)
+    reg.after_segment(m, [], _no_loss, 1)
+    with torch.no_grad():
+        m.backbone.weight.add_(1.0)
+    reg.after_segment(m, [], _no_loss, 1)  # anchor moves to the end of the latest segment
+    assert reg.penalty(m).item() == 0.0
+    with torch.no_grad():
+        m.head.bias.add_(torch.tensor([0.2, -0.4]))
+    assert torch.allclose(reg.penalty(m), torch.tensor(0.5 * 0.5 * (0.04 + 0.16)))
+
+
+def test_bf16_module_keeps_float32_state_and_penalty():
+    m = Tiny().to(torch.bfloat16)
+    pairs = [(_x(50, 4).bfloat16(), _x(51, 4).bfloat16())]
+    w = m.backbone.weight.detach().float()
+    mas, ewc = MAS(lambda_=1.0), EWC(lambda_=1.0)
+    for reg in (mas, ewc):
+        reg.after_segment(m, pairs, m.ssl_loss, 1)
+        assert all(v.dtype == torch.float32 for v in [*reg.omega.values(), *reg.anchor.values()])
+        assert torch.equal(reg.anchor["backbone.weight"], w)
+    # MAS runs on a float32 copy: the same value as by hand from the (bf16-rounded) weights.
+    assert torch.allclose(mas.omega["backbone.weight"], _mas_by_hand(w, pairs[0][0].float()), atol=1e-5)
+    with torch.no_grad():
+        m.backbone.weight.add_(0.25)
+    for reg in (mas, ewc):
+        pen = reg.penalty(m)
+        assert pen.dtype == torch.float32 and pen.item() > 0
+        m.zero_grad()
+        pen.backward()
+        assert m.backbone.weight.grad is not None and m.backbone.weight.grad.dtype == torch.bfloat16
+
+
+def test_state_dict_round_trip_through_weights_only_load(tmp_path):
+    m = Tiny()
+    pairs = [(_x(60, 4), _x(61, 4))]
+    for reg, fresh in ((MAS(2.0), MAS(2.0)), (EWC(2.0), EWC(2.0)), (L2SP(2.0), L2SP(2.0))):
+        reg.after_segment(m, pairs, m.ssl_loss, 1)
+        torch.save(reg.state_dict(), tmp_path / "s.pt")
+        fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+        assert fresh.segments == 1 and fresh.omega.keys() == reg.omega.keys()
+        assert all(torch.equal(fresh.omega[k], reg.omega[k]) for k in reg.omega)
+        assert all(torch.equal(fresh.anchor[k], reg.anchor[k]) for k in reg.anchor)
+        with torch.no_grad():
+            m.backbone.weight.add_(0.1)
+        assert torch.equal(fresh.penalty(m), reg.penalty(m)) and reg.penalty(m).item() > 0
+        fresh.save(tmp_path / "plug")  # the plugin-level save/load goes through the same state
+        again = type(reg)(2.0)
+        again.load(tmp_path / "plug")
+        assert torch.equal(again.penalty(m), reg.penalty(m))
+    with pytest.raises(ValueError, match="not 'ewc'"):
+        EWC().load_state_dict(MAS().state_dict())
+
+
+def test_importance_on_a_real_ssl_method_restores_its_buffers():
+    from streamssl.config import SSLConfig
+    from streamssl.ssl import build_method
+
+    torch.manual_seed(0)
+    m = build_method(SSLConfig(method="mocov2", backbone="small_cnn", width=4, proj_hidden_dim=8,
+                               proj_dim=8, queue_size=16), in_channels=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.rand(4, 1, 12, 12)
+    for reg in (MAS(), EWC()):
+        reg.after_segment(m, [(x, x.flip(-1))], lambda a, b: m(a, b)["loss"], 1)
+        assert reg.omega and all(torch.isfinite(v).all() for v in reg.omega.values())
+        assert not any(k.startswith("key_encoder") or k.startswith("target") for k in reg.anchor)
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+        assert reg.penalty(m).item() == 0.0
+
+
+# --------------------------------------------------------------------------- the composed strategy
+
+
+def _cfg(**sections) -> Config:
+    return Config.model_validate(sections)
+
+
+def test_build_strategy_composes_the_configured_plugins():
+    naive = build_strategy(_cfg())
+    assert naive.plugins == [] and naive.name == "naive"
+    assert naive.penalty(Tiny()).item() == 0.0 and naive.extra_datasets(3) == {}
+    assert build_strategy(_cfg(strategy="joint")).plugins == []
+    with pytest.raises(ValueError, match="joint"):
+        build_strategy(_cfg(strategy="joint", regularization={"method": "mas"}))
+
+    s = build_strategy(_cfg(replay={"size": 40, "policy": "balanced"},
+                            regularization={"method": "mas", "lambda": 2.5}))
+    assert [type(p) for p in s.driver_plugins] == [ReplayPlugin]
+    assert [type(p) for p in s.worker_plugins] == [MAS] and s.worker_plugins[0].lambda_ == 2.5
+    assert s.driver_plugins[0].buffer.policy == "balanced" and s.driver_plugins[0].buffer.capacity == 40
+    for method, cls in (("ewc", EWC), ("l2sp", L2SP)):
+        assert type(build_strategy(_cfg(regularization={"method": method})).worker_plugins[0]) is cls
+
+
+def test_strategy_driver_and_worker_state_survive_a_resume(tmp_path):
+    cfg = _cfg(replay={"size": 30}, regularization={"method": "l2sp", "lambda": 1.0})
+    s = build_strategy(cfg)
+    assert s.extra_datasets(0) == {}
+    s.after_segment_driver(0, SEGMENTS[0])
+    replay = s.extra_datasets(1)["replay"]
+    assert replay.num_rows == 30 and set(replay["segment"].to_pylist()) == {0}
+    with pytest.raises(RuntimeError, match="segment 0"):
+        s.extra_datasets(0)  # rows of the segment being trained must never come back as replay
+    s.save_driver_state(tmp_path)
+    m = Tiny()
+    s.after_segment(m, [], _no_loss, 1)
+    torch.save(s.worker_state(), tmp_path / "strategy.pt")
+
+    resumed = build_strategy(cfg)
+    resumed.load_driver_state(tmp_path)
+    resumed.load_worker_state(torch.load(tmp_path / "strategy.pt", weights_only=True))
+    assert resumed.sample_replay(45, seed=4).equals(s.sample_replay(45, seed=4))
+    for strat in (s, resumed):
+        strat.after_segment_driver(1, SEGMENTS[1])
+    assert resumed.extra_datasets(2)["replay"].equals(s.extra_datasets(2)["replay"])
+    with torch.no_grad():
+        m.backbone.weight.add_(0.2)
+    assert torch.equal(resumed.penalty(m), s.penalty(m)) and s.penalty(m).item() > 0
+
+    with pytest.raises(ValueError, match="does not configure"):
+        build_strategy(_cfg(regularization={"method": "mas"})).load_worker_state(s.worker_state())
+    with pytest.raises(FileNotFoundError):
+        build_strategy(cfg).load_driver_state(tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match="no replay"):
+        Strategy([]).sample_replay(3, seed=0)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SIZES = (3, 5)  # unequal batches: the average must weight workers by their sample counts
+
+
+def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        m = Tiny()
+        n = _SIZES[rank]
+        pairs = [(_x(100 + rank, n), _x(200 + rank, n))]
+        for reg in (MAS(), EWC()):
+            reg.after_segment(m, pairs, m.ssl_loss, 1)
+            torch.save(reg.state_dict(), Path(out_dir) / f"{reg.name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_importance_is_averaged_across_workers(tmp_path):
+    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    w = Tiny().backbone.weight.detach()
+    pairs = [(_x(100 + r, _SIZES[r]), _x(200 + r, _SIZES[r])) for r in range(2)]
+    expected = {"mas": _mas_by_hand(w, torch.cat([a for a, _ in pairs])), "ewc": _ewc_by_hand(w, pairs)}
+    for name in ("mas", "ewc"):
+        s0, s1 = (torch.load(tmp_path / f"{name}-{r}.pt", weights_only=True) for r in range(2))
+        assert s0.keys() == s1.keys()
+        assert all(torch.equal(s0[k], s1[k]) if torch.is_tensor(s0[k]) else s0[k] == s1[k] for k in s0)
+        assert torch.allclose(s0["omega.backbone.weight"], expected[name], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,297 @@
+"""Ray Jobs submission (streamssl.jobs): job spec, fail-fast errors, and real jobs on a real head.
+
+The real-head tests start their own `ray start --head --block` on 127.0.0.1 with every port
+chosen free, a private --temp-dir and token authentication (Ray 2.60's default for local
+clusters). `ray stop` is never used: it kills every Ray process on the machine, including other
+test sessions' clusters. Teardown sends SIGTERM to the `ray start --block` process we spawned
+(Ray then drains and stops the processes of that node only), then SIGKILLs by pid whatever of
+that process's own descendants is still alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from streamssl.config import ConfigError
+from streamssl.jobs import (
+    DEFAULT_EXCLUDES,
+    SubmitError,
+    build_job_spec,
+    main,
+    normalize_address,
+    submit,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = "configs/fashion_mnist_class_incremental.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)  # config paths below are relative to the repository
+
+
+# --------------------------------------------------------------------------- job spec (no cluster)
+
+
+def test_spec_runs_the_same_cli_command_with_repo_as_working_dir():
+    spec = build_job_spec(CONFIG, ["optim.lr=0.1", "run_dir=s3://bucket/runs/a b"])
+    argv = shlex.split(spec.entrypoint)
+    assert argv == ["python", "-m", "streamssl.cli", "train", CONFIG, "optim.lr=0.1",
+                    "run_dir=s3://bucket/runs/a b"]
+    env = spec.runtime_env
+    assert env["working_dir"] == str(ROOT)
+    assert {"/.venv", "/runs", "/data", "/.git"} <= set(env["excludes"])
+    assert "py_modules" not in env  # the repository already contains the package
+    assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    assert spec.metadata["streamssl_path"] == CONFIG
+    # Relative data dir in the default config: the user is told it will not exist on the cluster.
+    assert any("data.dataset_dir" in n for n in spec.notes)
+    assert not any(n.startswith("run_dir=") for n in spec.notes)
+
+
+def test_spec_absolute_config_path_becomes_relative_to_working_dir():
+    spec = build_job_spec(str(ROOT / CONFIG), ["data.dataset_dir=gs://b/ds", "run_dir=gs://b/runs/x"],
+                          command="tune")
+    assert shlex.split(spec.entrypoint)[3:5] == ["tune", CONFIG]
+    assert spec.notes == ()  # object-store data and run dirs: nothing to warn about
+
+
+def test_spec_config_outside_working_dir_or_missing_is_refused(tmp_path):
+    outside = tmp_path / "c.yaml"
+    outside.write_text((ROOT / CONFIG).read_text())
+    with pytest.raises(SubmitError, match="outside the working_dir"):
+        build_job_spec(str(outside), [])
+    with pytest.raises(SubmitError, match="not found"):
+        build_job_spec("configs/nope.yaml", [])
+
+
+def test_spec_other_working_dir_ships_the_package_as_py_module(tmp_path):
+    (tmp_path / "exp.yaml").write_text((ROOT / CONFIG).read_text())
+    spec = build_job_spec(str(tmp_path / "exp.yaml"), [], working_dir=str(tmp_path), pip=["einops"])
+    assert spec.runtime_env["working_dir"] == str(tmp_path)
+    assert spec.runtime_env["py_modules"] == [str(ROOT / "streamssl")]
+    assert spec.runtime_env["pip"] == ["einops"]
+    assert shlex.split(spec.entrypoint)[4] == "exp.yaml"
+
+
+def test_spec_container_image_excludes_uploads():
+    spec = build_job_spec(CONFIG, [], container_image="registry.example/streamssl:0.1.0",
+                          env={"NCCL_DEBUG": "WARN"})
+    assert spec.runtime_env == {"image_uri": "registry.example/streamssl:0.1.0",
+                                "env_vars": {"PYTHONUNBUFFERED": "1", "NCCL_DEBUG": "WARN"}}
+    with pytest.raises(SubmitError, match="image_uri"):
+        build_job_spec(CONFIG, [], container_image="img", pip=["x"])
+
+
+def test_spec_rejects_unknown_command_and_resume_passes_uri_through():
+    with pytest.raises(SubmitError, match="cannot be submitted"):
+        build_job_spec(CONFIG, [], command="submit")
+    spec = build_job_spec("s3://bucket/runs/x", [], command="resume")
+    assert shlex.split(spec.entrypoint)[3:] == ["resume", "s3://bucket/runs/x"]
+
+
+def test_config_errors_are_raised_before_any_network():
+    # The address is a closed port: a ConfigError (not SubmitError) proves validation came first.
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        submit(f"http://127.0.0.1:{_free_port()}", CONFIG, ["optim.lrr=1"])
+
+
+def test_normalize_address():
+    assert normalize_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
+    assert normalize_address("https://h:443") == "https://h:443"
+    with pytest.raises(SubmitError, match="dashboard"):
+        normalize_address("ray://127.0.0.1:10001")
+
+
+# --------------------------------------------------------------------------- fail fast
+
+
+def test_unreachable_address_fails_fast_naming_it():
+    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(SubmitError) as err:
+        submit(address, CONFIG, ["data.dataset_dir=s3://b/d", "run_dir=s3://b/r"])
+    assert time.monotonic() - t0 < 15
+    assert address in str(err.value) and "cannot reach" in str(err.value)
+
+
+def test_cli_entry_point_reports_unreachable_address(capsys):
+    address = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    code = main(["--address", address, CONFIG, "run_dir=s3://b/r"])
+    assert code == 1 and time.monotonic() - t0 < 15
+    assert address in capsys.readouterr().err
+
+
+def test_non_ray_http_server_is_not_mistaken_for_a_dashboard():
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        address = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(SubmitError, match="no Ray dashboard answered") as err:
+            submit(address, CONFIG, [])
+        assert address in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --------------------------------------------------------------------------- a real local head
+
+
+def _stop_head(proc: subprocess.Popen) -> None:
+    """Stop only the node we started: SIGTERM its `ray start --block`, then SIGKILL stragglers."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.send_signal(signal.SIGTERM)  # Ray drains the node and terminates its own processes
+    try:
+        proc.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:  # only descendants of our own `ray start`, each by pid
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(dashboard URL, auth token) of a private single-node Ray cluster on 127.0.0.1."""
+    temp_dir = tempfile.mkdtemp(prefix="ssj", dir="/tmp")  # short: Ray's socket paths have a limit
+    token = uuid.uuid4().hex
+    ports = {name: _free_port() for name in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # The job's `python` must be this interpreter: put the virtualenv first on the head's PATH.
+    env.update(PATH=venv_bin + os.pathsep + env.get("PATH", ""), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    cmd = [str(Path(venv_bin) / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
+           "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
+           *[f"--{k}={v}" for k, v in ports.items()]]
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                r = requests.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"},
+                                 timeout=2)
+                if r.ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dashboard not up after 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, token
+    finally:
+        _stop_head(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_real_job_succeeds_ships_working_dir_and_streams_logs(ray_head, monkeypatch, capsys):
+    url, token = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    # An explicit address must win over RAY_ADDRESS (JobSubmissionClient prefers the variable).
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{_free_port()}")
+    code = ("import os, pathlib, streamssl; "
+            "print('streamssl-job-ok', os.environ['STREAMSSL_T'], streamssl.__file__); "
+            "print('streamssl-files', ','.join(sorted(p.as_posix() for p in "
+            "pathlib.Path('streamssl').rglob('*.py'))))")
+    result = submit(url, None, entrypoint=f"python -c {shlex.quote(code)}",
+                    env={"STREAMSSL_T": "v1"}, follow=True, timeout_s=120)
+    out = capsys.readouterr().out
+    assert result.status == "SUCCEEDED" and result.exit_code == 0
+    assert result.job_id in out and f"submitted job {result.job_id}" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("streamssl-job-ok"))
+    _, value, module_file = line.split()
+    assert value == "v1"
+    # The job imported the uploaded copy of the package, not this checkout...
+    assert not module_file.startswith(str(ROOT)) and module_file.endswith("streamssl/__init__.py")
+    # ...and that copy is complete: excludes and .gitignore dropped no module.
+    shipped = set(next(ln for ln in out.splitlines() if ln.startswith("streamssl-files")).split()[1].split(","))
+    local = {p.relative_to(ROOT).as_posix() for p in (ROOT / "streamssl").rglob("*.py")}
+    assert local - shipped == set(), "modules missing from the uploaded working_dir"
+
+
+def test_real_job_failure_returns_driver_exit_code_also_when_polling(ray_head, monkeypatch, capsys):
+    url, token = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+
+    async def from_inside_an_event_loop():
+        # asyncio.run() is impossible here, so submit() polls and prints the log at the end.
+        return submit(url, None, entrypoint="python -c 'import sys; print(\"boom\"); sys.exit(3)'",
+                      follow=True, timeout_s=120)
+
+    result = asyncio.run(from_inside_an_event_loop())
+    out = capsys.readouterr().out
+    assert result.status == "FAILED" and result.exit_code == 3
+    assert "boom" in out
+
+
+def test_real_job_follow_timeout_leaves_job_running(ray_head, monkeypatch):
+    from ray.job_submission import JobSubmissionClient
+
+    url, token = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    t0 = time.monotonic()
+    result = submit(url, None, entrypoint="sleep 60", follow=True, timeout_s=2)
+    assert time.monotonic() - t0 < 30
+    assert result.exit_code == 124 and result.status in ("PENDING", "RUNNING")
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+    assert client.stop_job(result.job_id) is True  # frees the head for other tests
+
+
+def test_token_protected_head_without_token_fails_clearly(ray_head, monkeypatch, tmp_path):
+    url, _ = ray_head
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+    with pytest.raises(SubmitError, match="token") as err:
+        submit(url, None, entrypoint="true")
+    assert url in str(err.value)
