@@ -113,11 +113,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_submit(a: argparse.Namespace) -> int:
-    from streamssl.jobs import submit
+    from streamssl.jobs import submit_from_args
 
-    result = submit(a.address, a.config, a.overrides, working_dir=a.working_dir, pip=a.pip,
-                    container_image=a.image, entrypoint_num_gpus=a.num_gpus, follow=a.follow)
-    return int(getattr(result, "exit_code", 0))
+    return submit_from_args(a)
 
 
 # --------------------------------------------------------------------------- parser
@@ -178,14 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("submit", help="submit `streamssl train` to a Ray cluster with the Jobs API")
-    s.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://127.0.0.1:8265")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
-    s.add_argument("--follow", action="store_true")
-    s.add_argument("--working-dir", default=None)
-    s.add_argument("--pip", nargs="*", default=None)
-    s.add_argument("--image", default=None)
-    s.add_argument("--num-gpus", type=float, default=None)
+    from streamssl.jobs import add_submit_arguments
+
+    add_submit_arguments(s)
     s.set_defaults(fn=cmd_submit)
     return p
 
