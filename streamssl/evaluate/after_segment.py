@@ -6,6 +6,20 @@ the kNN bank / linear-probe training set, and the held-out ``eval_split`` (defau
 never streamed) is scored. Features are extracted with Ray Data ``map_batches`` on an actor pool.
 Per-segment accuracies (row t of the accuracy matrix A[t][i]) restrict the test set to the
 classes each segment introduced.
+
+Two cheap diagnostics ride along (:func:`drift_and_sharpness`), on the first
+``DRIFT_PROBE_IMAGES`` images of that same fixed eval set, read in this process (no Ray):
+
+* ``eval/cka_prev``: linear CKA between the encoder after segment t and the one segment t started
+  from (its parent checkpoint) -- how much the representation moved during the segment (1 = not
+  at all, up to rotation and scale);
+* ``eval/sharpness``: mean SSL-loss increase under a few random relative weight perturbations
+  at the final weights (:mod:`streamssl.evaluate.sharpness`), on ``SHARPNESS_BATCHES`` fixed
+  batches of two augmented views drawn with a fixed generator, with ``eval/sharpness_base_loss``
+  the unperturbed loss. Flatter minima are associated with less forgetting.
+
+Their budgets are module constants, not config: they must stay a few seconds at most whatever
+the training config says, and fixed so that numbers compare across runs.
 """
 
 from __future__ import annotations
@@ -82,18 +96,118 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
                             segment_classes=seg_classes, use_gpu=cfg.scaling.use_gpu, seed=cfg.seed)
 
 
-def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, Any], segment: int
-                        ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Metrics for one finished segment plus its accuracy-matrix row per metric."""
+def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, Any], segment: int,
+                        prev_ckpt: str | Path | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics for one finished segment plus its accuracy-matrix row per metric.
+
+    ``prev_ckpt``: the checkpoint the segment started from (the driver's parent checkpoint);
+    with it, ``eval/cka_prev`` is computed too.
+    """
     from streamssl.export import load_encoder
 
-    metrics = evaluate_encoder_on_config(cfg, load_encoder(ckpt_dir), plan_meta)
+    encoder = load_encoder(ckpt_dir)
+    metrics = evaluate_encoder_on_config(cfg, encoder, plan_meta)
+    metrics.update(drift_and_sharpness(cfg, ckpt_dir, prev_ckpt, encoder=encoder))
     row: dict[str, list[float]] = {}
     for name in ("knn", "linear"):
         keys = sorted((k for k in metrics if k.startswith(f"eval/{name}_acc_seg")), key=lambda k: int(k.rsplit("seg", 1)[1]))
         if keys:
             row[f"eval/{name}_acc"] = [metrics[k] for k in keys]
     return metrics, row
+
+
+# Fixed budgets of the per-segment diagnostics (see the module docstring): with the default
+# config (small_cnn width 32, batch 128) CKA costs 2 x 1000 encoder passes and sharpness
+# 2 batches x (1 + 4 directions) SSL forwards -- about a second on 2 CPU cores.
+DRIFT_PROBE_IMAGES = 1000
+SHARPNESS_BATCHES = 2
+SHARPNESS_DIRECTIONS = 4
+SHARPNESS_RHO = 0.05
+SHARPNESS_SEED = 0
+
+
+def _diag_device(cfg: Config) -> Any:
+    import torch
+
+    return torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def probe_images(cfg: Config, limit: int = DRIFT_PROBE_IMAGES) -> np.ndarray:
+    """The first ``limit`` decodable images of the fixed eval set (:func:`probe_rows`), uint8
+    (N, C, H, W), read in this process in eval-set order: the same images after every segment."""
+    from streamssl.data.segments import read_rows_local
+
+    _, test = probe_rows(cfg)
+    ids = test.select(["image_id"]).slice(0, limit)
+    data = read_rows_local(cfg.data.dataset_dir, ids, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    return data["image"][data["valid"].astype(bool)]
+
+
+def cka_to_previous(cfg: Config, encoder: Any, prev_ckpt: str | Path, images: np.ndarray) -> float:
+    """Linear CKA between ``encoder``'s and the ``prev_ckpt`` encoder's features on ``images``."""
+    from streamssl.evaluate.cka import cka_between_encoders
+    from streamssl.export import load_encoder
+    from streamssl.ssl.augment import eval_transform
+
+    transform = eval_transform(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
+    return cka_between_encoders(load_encoder(prev_ckpt), encoder, images, transform, device=_diag_device(cfg))
+
+
+def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batches: int = SHARPNESS_BATCHES,
+                  directions: int = SHARPNESS_DIRECTIONS, rho: float = SHARPNESS_RHO,
+                  seed: int = SHARPNESS_SEED) -> Any:
+    """Sharpness of the config's SSL loss at the checkpoint's weights (a ``SharpnessResult``),
+    or None when ``images`` cannot fill ``batches`` batches of at least 2.
+
+    The method is rebuilt from the config and loaded from ``model.pt`` (heads, momentum networks
+    and MoCo queue included). It runs in train mode, as the loss was optimized (BatchNorm on batch
+    statistics, MoCo enqueues); :func:`estimate_sharpness` restores parameters and buffers before
+    every evaluation and after. The views are drawn once, on CPU with a seeded generator, so every
+    evaluation sees the same inputs on any device. Computed in float32 whatever
+    ``scaling.precision`` was. The batch size is the training micro-batch, capped by the images.
+    """
+    import torch
+
+    from streamssl.evaluate.sharpness import estimate_sharpness
+    from streamssl.ssl import build_augment, build_method
+    from streamssl.train import checkpoint as ck
+
+    bs = min(cfg.optim.batch_size, len(images) // batches)
+    if bs < 2:
+        return None
+    device = _diag_device(cfg)
+    model = build_method(cfg.ssl, in_channels=cfg.data.channels)
+    model.load_state_dict(ck.load_tensors(Path(ckpt_dir) / ck.MODEL_FILE))
+    model.to(device).train()
+    augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
+    gen = torch.Generator().manual_seed(seed)
+    views = []
+    for b in range(batches):
+        x = torch.from_numpy(np.ascontiguousarray(images[b * bs:(b + 1) * bs]))
+        views.append((augment(x, gen).to(device), augment(x, gen).to(device)))
+
+    def loss_fn(module: Any, batch: tuple[Any, Any]) -> Any:
+        return module(*batch)["loss"]
+
+    return estimate_sharpness(model, loss_fn, views, rho=rho, n_directions=directions, seed=seed)
+
+
+def drift_and_sharpness(cfg: Config, ckpt_dir: str | Path, prev_ckpt: str | Path | None, *,
+                        encoder: Any | None = None) -> dict[str, float]:
+    """``eval/cka_prev`` (only with a previous checkpoint), ``eval/sharpness`` and
+    ``eval/sharpness_base_loss`` of one segment checkpoint; see the module docstring."""
+    from streamssl.export import load_encoder
+
+    images = probe_images(cfg)
+    out: dict[str, float] = {}
+    if prev_ckpt is not None:
+        out["eval/cka_prev"] = cka_to_previous(cfg, encoder if encoder is not None else load_encoder(ckpt_dir),
+                                               prev_ckpt, images)
+    sharp = ssl_sharpness(cfg, ckpt_dir, images)
+    if sharp is not None:
+        out["eval/sharpness"] = sharp.sharpness
+        out["eval/sharpness_base_loss"] = sharp.base_loss
+    return out
 
 
 def evaluate_random_init(cfg: Config) -> dict[str, float]:

@@ -270,7 +270,7 @@ class StreamRunner:
             from streamssl.evaluate.after_segment import evaluate_checkpoint
 
             t_eval = time.perf_counter()
-            eval_metrics, acc_row = evaluate_checkpoint(cfg, ckpt_dir, ctx.plan_meta, t)
+            eval_metrics, acc_row = evaluate_checkpoint(cfg, ckpt_dir, ctx.plan_meta, t, prev_ckpt=prev)
             metrics.update(eval_metrics)
             metrics["time/eval_s"] = time.perf_counter() - t_eval
             result_obj.accuracy_row = acc_row

@@ -1,0 +1,109 @@
+"""SSL training throughput: the full streamssl path vs a bare PyTorch loop, side by side.
+
+Full path: Ray Data reads and decodes one Fashion-MNIST segment -> Ray Train TorchTrainer with
+N workers -> DeepSpeed engine per worker -> two augmented views -> MoCo v2 step.
+Bare loop: the same segment's images already in memory as a uint8 tensor, one process using
+the same number of CPU threads as the workers together, the same model, global batch,
+augmentation and optimizer.
+
+Reported: steady-state images/s inside the training loop (what the workers measure, start-up
+excluded), the fixed per-segment overhead of a ``TorchTrainer.fit()`` (fit wall time minus loop
+time), and the ratios. Run:
+
+    .venv/bin/python benchmarks/bench_train_throughput.py --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamssl.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def full_path(cfg_overrides: list[str], run_dir: Path) -> dict[str, float]:
+    from streamssl.train.driver import StreamRunner
+
+    cfg = load_config(ROOT / "configs" / "fashion_mnist_class_incremental.yaml", cfg_overrides)
+    results = StreamRunner(cfg, run_dir, callbacks=[]).run()
+    m = results[0].metrics
+    return {"images_per_s": m["train/images_per_s"], "fit_s": m["time/fit_s"],
+            "loop_s": m["time/train_loop_s"], "overhead_s": m["time/overhead_s"],
+            "images": m["train/images_seen"]}
+
+
+def bare_loop(cfg_overrides: list[str], run_dir: Path, threads: int) -> dict[str, float]:
+    from streamssl.data.segments import read_rows_local
+    from streamssl.data.streams import load_plan
+    from streamssl.ssl import build_augment, build_method
+    from streamssl.train.driver import segment_rows
+    from streamssl.train.worker import build_optimizer
+
+    cfg = load_config(ROOT / "configs" / "fashion_mnist_class_incremental.yaml", cfg_overrides)
+    plan, _ = load_plan(str(run_dir / "plan"))  # the plan the full path trained on
+    rows = segment_rows(plan, [0], None)
+    data = read_rows_local(cfg.data.dataset_dir, rows, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    images = torch.from_numpy(np.ascontiguousarray(data["image"]))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_method(cfg.ssl, in_channels=cfg.data.channels)
+    opt = build_optimizer([p for p in model.trainable_parameters() if p.requires_grad], cfg)
+    aug = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
+    batch = cfg.optim.batch_size * cfg.scaling.num_workers  # same global batch as the workers together
+    steps = cfg.optim.steps_per_segment
+    model.train()
+    done, warmup = 0, 3
+    t0 = 0.0
+    for step in range(steps + warmup):
+        if step == warmup:
+            t0 = time.perf_counter()
+        idx = torch.randint(0, images.shape[0], (batch,))
+        x = images[idx]
+        out = model(aug(x), aug(x))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        model.on_after_step()
+        if step >= warmup:
+            done += batch
+    dt = time.perf_counter() - t0
+    return {"images_per_s": done / dt, "loop_s": dt, "images": done}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--dataset", default=str(ROOT / "data" / "fashion-mnist"))
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    overrides = [f"data.dataset_dir={args.dataset}", f"optim.steps_per_segment={args.steps}",
+                 "eval.enabled=false", "tracking.enabled=false", "replay.size=0",
+                 f"scaling.num_workers={args.workers}", "optim.warmup_steps=0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        full = full_path(overrides, run_dir)
+        bare = bare_loop(overrides, run_dir, threads=args.workers)
+    result = {"steps": args.steps, "workers": args.workers, "full": full, "bare": bare,
+              "ratio_in_loop": full["images_per_s"] / bare["images_per_s"],
+              "ratio_end_to_end": (full["images"] / full["fit_s"]) / bare["images_per_s"]}
+    print(json.dumps(result, indent=2))
+    print()
+    print("| path | images/s (in loop) | fit overhead s | ratio vs bare |")
+    print("|---|---:|---:|---:|")
+    print(f"| Ray Data -> Ray Train ({args.workers} workers) -> DeepSpeed | {full['images_per_s']:.0f} | "
+          f"{full['overhead_s']:.1f} | {result['ratio_in_loop']:.2f} |")
+    print(f"| same, including the fit start-up | {full['images'] / full['fit_s']:.0f} | | "
+          f"{result['ratio_end_to_end']:.2f} |")
+    print(f"| bare PyTorch loop, {args.workers} threads, in-memory | {bare['images_per_s']:.0f} | - | 1.00 |")
+
+
+if __name__ == "__main__":
+    main()
