@@ -122,7 +122,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamssl", description=__doc__.splitlines()[0] if __doc__ else None)
+    p = argparse.ArgumentParser(prog="streamssl", description="Continual self-supervised pre-training of image "
+                                "encoders on streaming data, on Ray Train + DeepSpeed, tracked in MLflow.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("ingest", help="turn images into Parquet shards + index")

@@ -226,6 +226,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             rimgs, r_bad = repair_invalid(rb["image"], rb["valid"].astype(bool), rng)
             skipped += r_bad
             imgs = np.concatenate([imgs, rimgs])
+        if not imgs.flags.writeable:  # Ray hands out read-only zero-copy arrays
+            imgs = imgs.copy()
         return torch.from_numpy(imgs).to(device, non_blocking=True)
 
     def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
