@@ -116,11 +116,14 @@ def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, 
     return metrics, row
 
 
-# Fixed budgets of the per-segment diagnostics (see the module docstring): with the default
-# config (small_cnn width 32, batch 128) CKA costs 2 x 1000 encoder passes and sharpness
-# 2 batches x (1 + 4 directions) SSL forwards -- about a second on 2 CPU cores.
+# Fixed budgets of the per-segment diagnostics (see the module docstring): CKA costs 2 x 1000
+# encoder passes, sharpness 2 batches x (1 + 4 directions) no-grad SSL forwards of at most
+# SHARPNESS_MAX_BATCH images (MoCo: 4 backbone passes per image). With the default config
+# (small_cnn width 32, batch 128) that is a few seconds on 2 CPU cores; measured on the shared
+# 2-core dev machine at a load average of ~15: CKA 8 s, sharpness 7-19 s with 1 torch thread.
 DRIFT_PROBE_IMAGES = 1000
 SHARPNESS_BATCHES = 2
+SHARPNESS_MAX_BATCH = 128
 SHARPNESS_DIRECTIONS = 4
 SHARPNESS_RHO = 0.05
 SHARPNESS_SEED = 0
@@ -164,7 +167,8 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
     statistics, MoCo enqueues); :func:`estimate_sharpness` restores parameters and buffers before
     every evaluation and after. The views are drawn once, on CPU with a seeded generator, so every
     evaluation sees the same inputs on any device. Computed in float32 whatever
-    ``scaling.precision`` was. The batch size is the training micro-batch, capped by the images.
+    ``scaling.precision`` was. The batch size is the training micro-batch, capped at
+    ``SHARPNESS_MAX_BATCH`` (the budget must not grow with the config) and by the images.
     """
     import torch
 
@@ -172,7 +176,7 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
     from streamssl.ssl import build_augment, build_method
     from streamssl.train import checkpoint as ck
 
-    bs = min(cfg.optim.batch_size, len(images) // batches)
+    bs = min(cfg.optim.batch_size, SHARPNESS_MAX_BATCH, len(images) // batches)
     if bs < 2:
         return None
     device = _diag_device(cfg)
