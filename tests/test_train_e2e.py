@@ -150,9 +150,10 @@ def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path,
     def kill_a_worker() -> None:
         deadline = time.time() + 240
         while time.time() < deadline:
-            # A checkpoint directory appears before the controller has polled the report that
-            # registers it; waiting a few checkpoints leaves it time to register the earlier ones.
-            if any(run_dir.glob("ray/*/step-0000050")):
+            # A checkpoint directory appears before Ray Train's controller has registered it; the
+            # controller records registered checkpoints in its manager snapshot, so wait for that.
+            snaps = list(run_dir.glob("ray/*/checkpoint_manager_snapshot.json"))
+            if snaps and "step-00000" in snaps[0].read_text():
                 # Ray names worker processes after the actor class ("ray::RayTrainWorker...").
                 workers = [p.pid for p in psutil.process_iter(["cmdline"])
                            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
