@@ -39,6 +39,7 @@ from streamssl.jobs import (
     normalize_address,
     submit,
 )
+from tests.test_train_e2e import tiny_dataset  # noqa: F401  (fixture: a tiny ingested dataset)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/fashion_mnist_class_incremental.yaml"
@@ -295,3 +296,58 @@ def test_token_protected_head_without_token_fails_clearly(ray_head, monkeypatch,
     with pytest.raises(SubmitError, match="token") as err:
         submit(url, None, entrypoint="true")
     assert url in str(err.value)
+
+
+# --------------------------------------------------------------------------- a real stream as a job
+
+
+def test_real_stream_job_trains_and_records_mlflow_runs(ray_head, tiny_dataset, monkeypatch, capsys, tmp_path):  # noqa: F811
+    """`streamssl submit ... --follow` runs a 1-segment stream (2 Ray Train workers + DeepSpeed)
+    on the head; its outputs land where the absolute overrides point.
+
+    The head has 2 logical CPUs: the job's driver asks for none (entrypoint_num_cpus unset), the
+    2 workers for 0.5 each, which leaves 1 whole CPU for Ray Data's read task.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from streamssl.cli import main as cli_main
+
+    url, token = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    overrides = [
+        "name=jobstream", f"run_dir={run_dir}",
+        f"data.dataset_dir={tiny_dataset}", "data.source=folder", "data.image_size=16", "data.channels=1",
+        "stream.protocol=class_random", "stream.segments=1",
+        "ssl.width=8", "ssl.proj_hidden_dim=32", "ssl.proj_dim=16", "ssl.pred_hidden_dim=32", "ssl.queue_size=64",
+        "optim.batch_size=8", "optim.steps_per_segment=3", "optim.schedule=constant", "optim.warmup_steps=0",
+        "replay.size=0", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "eval.enabled=false",
+        f"tracking.tracking_uri=sqlite:///{db}", "tracking.experiment=jobs-e2e",
+    ]
+    code = cli_main(["submit", "--address", url, CONFIG, *overrides, "--follow", "--timeout", "900"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-6000:]
+    job_id = next(ln.split()[2] for ln in out.splitlines() if ln.startswith("submitted job "))
+    assert f"job {job_id} SUCCEEDED" in out
+    assert "done: 1 segments" in out  # the driver's own output, streamed back
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
+    assert str(client.get_job_status(job_id)) in ("SUCCEEDED", "JobStatus.SUCCEEDED")
+
+    # The stream ran with these overrides and wrote its outputs outside the job's working_dir.
+    state = (run_dir / "state.json").read_text()
+    assert '"segment": 0' in state and (run_dir / "checkpoints" / "segment-000" / "model.pt").is_file()
+    mlf = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = mlf.get_experiment_by_name("jobs-e2e")
+    assert exp is not None
+    streams = mlf.search_runs([exp.experiment_id], filter_string="tags.`streamssl.kind` = 'stream'")
+    assert len(streams) == 1
+    stream = streams[0]
+    assert stream.info.status == "FINISHED" and stream.data.tags["run_dir"] == str(run_dir)
+    assert stream.data.params["optim.steps_per_segment"] == "3"
+    segs = mlf.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{stream.info.run_id}'")
+    assert [s.data.tags["segment"] for s in segs] == ["0"] and segs[0].info.status == "FINISHED"
+    assert segs[0].data.tags["checkpoint"] == str(run_dir / "checkpoints" / "segment-000")
+    assert any(k.endswith("train/loss") for k in segs[0].data.metrics)

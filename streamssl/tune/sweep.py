@@ -15,12 +15,24 @@ one domain each::
         optim.lr: {choice: [0.03, 0.06]}
 
 Every trial writes its stream run under ``<sweep_dir>/trials/<trial_id>``; MLflow nests
-sweep run -> stream run per trial -> segment runs, in one tracking store.
+sweep run -> stream run per trial -> segment runs, in one tracking store. The best trial (its
+params, metric, run dir and final encoder checkpoint) goes to ``<sweep_dir>/sweep_summary.json``.
+
+Resources: a trial holds ``tune.cpus_per_trial_driver`` for its stream driver, and each of its
+Ray Train fits asks for ``scaling.num_workers x scaling.cpus_per_worker`` more; Ray Data's read
+tasks need a whole free CPU besides. Size them so that ``max_concurrent_trials`` trials fit, or
+trials wait forever (a warning says so at start).
+
+Resume (``--resume --sweep-dir``): Tune restores the experiment; finished trials are kept, and
+unfinished ones start again in the same trial directory, where the stream driver continues from
+the last completed segment.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -68,7 +80,7 @@ def build_param_space(cfg: Config) -> dict[str, Any]:
     return {key: _domain(key, spec) for key, spec in space.items()}
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str, tracking_uri: str) -> Config:
+def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str, tracking_uri: str | None) -> Config:
     data = apply_overrides(base, [])
     for key, value in params.items():
         node = data
@@ -82,14 +94,45 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str, tra
 
 
 class _TuneReporter(StreamCallback):
-    """Reports each finished segment to Tune (one ``training_iteration`` per segment)."""
+    """Reports each finished segment to Tune, so ``training_iteration`` = segments done.
 
-    def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None:
+    Two details make that hold in every case:
+
+    * The last segment is reported from ``on_stream_end``, after every other callback's (this one
+      comes last): when Tune decides to stop a trial it ends the trial thread *inside*
+      ``tune.report`` (ASHA stops every trial that reaches ``max_t``), which must not cut off the
+      stream's final bookkeeping (results.json, the MLflow model, closing the MLflow runs).
+    * A trial that starts again without a Tune checkpoint (a restored sweep, a retried failure)
+      restarts at iteration 0 while its stream resumes from ``state.json``: it first re-reports
+      the segments already done, so the iteration count and ASHA's rungs stay per segment.
+    """
+
+    def __init__(self) -> None:
+        self._last_segment = -1
+
+    @staticmethod
+    def _report(segment: int, metrics: dict[str, Any]) -> None:
         from ray import tune
 
-        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        metrics["segment"] = result.segment
-        tune.report(metrics)
+        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        out["segment"] = segment
+        tune.report(out)
+
+    def on_stream_start(self, ctx: StreamContext) -> None:
+        from streamssl.train.driver import read_state
+
+        self._last_segment = ctx.num_segments - 1
+        for done in read_state(Path(ctx.run_dir))["completed"]:
+            if done["segment"] != self._last_segment:  # the last one goes out from on_stream_end
+                self._report(done["segment"], done["metrics"])
+
+    def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None:
+        if result.segment != self._last_segment:
+            self._report(result.segment, result.metrics)
+
+    def on_stream_end(self, ctx: StreamContext, results: list[SegmentResult]) -> None:
+        final = max(results, key=lambda r: r.segment)
+        self._report(final.segment, final.metrics)
 
 
 class _SweepParent(StreamCallback):
@@ -103,7 +146,7 @@ class _SweepParent(StreamCallback):
             ctx.extras["mlflow_sweep_run_id"] = self.sweep_run_id
 
 
-def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, tracking_uri: str,
+def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, tracking_uri: str | None,
            sweep_run_id: str | None) -> None:
     from ray import tune
 
@@ -117,8 +160,112 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
     StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
 
 
+# Config fields holding local paths. Tune runs each trial with the trial's own directory as the
+# working directory, so a relative path (the default ``data/fashion-mnist``) would point into it.
+_PATH_FIELDS = (("data", "dataset_dir"), ("data", "src"), ("stream", "grouping_file"), ("init", "checkpoint"))
+
+
+def _absolute_paths(base: dict[str, Any]) -> dict[str, Any]:
+    for section, key in _PATH_FIELDS:
+        value = (base.get(section) or {}).get(key)
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            base[section][key] = str(Path(value).resolve())
+    return base
+
+
+def _check_fits(cfg: Config) -> None:
+    """Warn when concurrent trials (driver + Ray Train workers) leave no whole CPU for Ray Data.
+
+    Over-subscribing does not fail: Ray Train waits for its workers, or Ray Data for a CPU to
+    read on, with no error (see STACK.md). A warning, not an error: an autoscaling cluster grows.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    per_trial = cfg.tune.cpus_per_trial_driver + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    concurrent = min(cfg.tune.max_concurrent_trials, _num_trials(cfg))
+    need = concurrent * per_trial + 1.0  # Ray Data's tasks ask for 1 CPU each
+    if total and need > total + 1e-9:
+        print(f"streamssl tune: warning: {concurrent} concurrent "
+              f"trial(s) x (tune.cpus_per_trial_driver {cfg.tune.cpus_per_trial_driver} + "
+              f"{cfg.scaling.num_workers} workers x scaling.cpus_per_worker {cfg.scaling.cpus_per_worker}) "
+              f"+ 1 CPU for Ray Data = {need:g} CPUs, but the cluster has {total:g}: trials may wait "
+              "forever; lower tune.max_concurrent_trials or the CPU requests", file=sys.stderr, flush=True)
+
+
+def _num_trials(cfg: Config) -> int:
+    grid = 1
+    for spec in cfg.tune.search_space.values():
+        if isinstance(spec, dict) and "grid" in spec:
+            grid *= max(1, len(spec["grid"]))
+    return grid * cfg.tune.num_samples
+
+
+def _trial_run_dir(sdir: Path, result: Any) -> Path | None:
+    trial_id = (result.metrics or {}).get("trial_id")
+    return sdir / "trials" / trial_id if trial_id else None
+
+
+def _last_checkpoint(run_dir: Path | None) -> str | None:
+    from streamssl.train.driver import read_state
+
+    if run_dir is None:
+        return None
+    done = read_state(run_dir)["completed"]
+    return done[-1]["checkpoint"] if done else None
+
+
+def _close_stopped_streams(tracking_uri: str, rows: list[dict[str, Any]], num_segments: int) -> None:
+    """Close the MLflow stream runs of trials that did not finish their stream.
+
+    A trial stopped by the scheduler ends inside ``tune.report`` (its process exits), so its
+    stream run never gets ``on_stream_end``: mark it KILLED (stopped early, its finished segments
+    are complete runs) or FAILED (the trial errored), with the reason as a tag.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for row in rows:
+        run_dir = row.get("run_dir")
+        run_file = Path(run_dir) / "mlflow_run.json" if run_dir else None
+        if run_file is None or not run_file.is_file():
+            continue
+        data = json.loads(run_file.read_text())
+        run_id = data.get("parent_run_id")
+        if not run_id or client.get_run(run_id).info.status == "FINISHED":
+            continue
+        if row.get("error"):
+            status, reason = "FAILED", row["error"][:500]
+        elif (row.get("segments_done") or 0) < num_segments:
+            status, reason = "KILLED", f"stopped by the Tune scheduler after {row.get('segments_done')} segment(s)"
+        else:
+            continue
+        client.set_tag(run_id, "tune.stopped", reason)
+        client.set_terminated(run_id, status=status)
+
+
+def _select_best(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """Best trial by its last reported ``metric``, among the trials that got furthest.
+
+    A trial stopped early reports its metric after fewer segments; that number does not compare
+    with a whole stream's (e.g. kNN accuracy over fewer classes), so only the trials with the
+    most segments done compete.
+    """
+    scored = [r for r in rows if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+    if not scored:
+        return None
+    most = max(r["segments_done"] or 0 for r in scored)
+    pool = [r for r in scored if (r["segments_done"] or 0) == most]
+    sign = 1.0 if mode == "min" else -1.0
+    return min(pool, key=lambda r: (sign * r[metric], str(r["trial_id"])))  # ties: the first trial
+
+
 def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the best trial's params, metric, run dir and encoder path."""
+    """Run (or resume) a sweep; returns the best trial's params, metric, run dir and encoder path.
+
+    The summary is also written to ``<sweep_dir>/sweep_summary.json`` and, with tracking, onto
+    the MLflow sweep run.
+    """
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -129,20 +276,27 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
             raise ConfigError("--resume needs --sweep-dir (the directory printed when the sweep started)")
         sweep_dir = str(Path("runs") / f"sweep-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
     sdir = Path(sweep_dir).resolve()
+    exp_path = sdir / "tune" / "sweep"
+    if resume and not tune.Tuner.can_restore(str(exp_path)):
+        raise FileNotFoundError(f"{exp_path}: no Tune experiment to resume")
     sdir.mkdir(parents=True, exist_ok=True)
     print(f"sweep directory: {sdir}", flush=True)
-    tracking_uri = cfg.tracking.tracking_uri or f"sqlite:///{sdir / 'mlflow.db'}"
 
+    tracking_uri = cfg.tracking.tracking_uri
     sweep_run_id = None
     if cfg.tracking.enabled:
-        from streamssl.tracking.mlflow_tracker import start_sweep_run
+        from streamssl.tracking.mlflow_tracker import resolve_tracking_uri, start_sweep_run
 
+        # Absolute: every trial runs in its own working directory (a relative SQLite path would
+        # give each trial its own database).
+        tracking_uri = resolve_tracking_uri(cfg, sdir)
         sweep_run_id = start_sweep_run(cfg, str(sdir), tracking_uri)
 
     if not ray.is_initialized():
         ray.init(address=cfg.scaling.ray_address, include_dashboard=False, configure_logging=False)
+    _check_fits(cfg)
 
-    base = cfg.to_dict()
+    base = _absolute_paths(cfg.to_dict())
     trainable = tune.with_parameters(_trial, base=base, sweep_dir=str(sdir), tracking_uri=tracking_uri,
                                      sweep_run_id=sweep_run_id)
     # The trial function is only the stream driver; its Ray Train workers ask for their own CPUs.
@@ -151,10 +305,9 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.stream.segments,
                                grace_period=t.grace_period, reduction_factor=2)
                  if t.scheduler == "asha" else FIFOScheduler())
-    exp_path = sdir / "tune" / "sweep"
     if resume:
-        if not tune.Tuner.can_restore(str(exp_path)):
-            raise FileNotFoundError(f"{exp_path}: no Tune experiment to resume")
+        # Finished trials are kept as they are; unfinished and errored ones continue their stream
+        # from its state.json (see _trial).
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
     else:
@@ -176,24 +329,34 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
     grid = tuner.fit()
-    best = grid.get_best_result(metric=t.metric, mode=t.mode, scope="last")
-    best_params = {k: best.config[k] for k in param_space}
-    trial_id = best.metrics.get("trial_id") if best.metrics else None
-    trial_run_dir = sdir / "trials" / trial_id if trial_id else None
+
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        run_dir = _trial_run_dir(sdir, r)
+        rows.append({"trial_id": m.get("trial_id"), "params": {k: r.config.get(k) for k in param_space},
+                     "segments_done": m.get("training_iteration", 0), t.metric: m.get(t.metric),
+                     "run_dir": str(run_dir) if run_dir else None,
+                     "error": f"{type(r.error).__name__}: {r.error}" if r.error else None})
+    best = _select_best(rows, t.metric, t.mode)
     summary = {
         "sweep_dir": str(sdir),
-        "best_params": best_params,
-        "best_metric": {t.metric: best.metrics.get(t.metric) if best.metrics else None},
-        "best_run_dir": str(trial_run_dir) if trial_run_dir else None,
-        "best_encoder": str(trial_run_dir / "checkpoints") if trial_run_dir else None,
-        "trials": [{"trial_id": r.metrics.get("trial_id") if r.metrics else None,
-                    "params": {k: r.config.get(k) for k in param_space},
-                    "segments_done": r.metrics.get("training_iteration") if r.metrics else 0,
-                    t.metric: r.metrics.get(t.metric) if r.metrics else None} for r in grid],
+        "metric": t.metric,
+        "mode": t.mode,
+        "best_trial_id": best["trial_id"] if best else None,
+        "best_params": best["params"] if best else None,
+        "best_metric": {t.metric: best[t.metric] if best else None},
+        "best_run_dir": best["run_dir"] if best else None,
+        # The final segment checkpoint: what streamssl.load_encoder / `streamssl export` take.
+        "best_encoder": _last_checkpoint(Path(best["run_dir"])) if best and best["run_dir"] else None,
+        "trials": rows,
     }
     (sdir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    if sweep_run_id:
+    if sweep_run_id and tracking_uri:
         from streamssl.tracking.mlflow_tracker import finish_sweep_run
 
+        _close_stopped_streams(tracking_uri, rows, cfg.stream.segments)
         finish_sweep_run(tracking_uri, sweep_run_id, summary)
+    if best is None:
+        raise RuntimeError(f"no trial reported {t.metric!r}; see {sdir / 'sweep_summary.json'}")
     return summary
