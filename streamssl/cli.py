@@ -66,9 +66,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
-    from streamssl.train.driver import resume
+    from streamssl.train.driver import default_callbacks, resume
     from streamssl.train.progress import ProgressPrinter
-    from streamssl.train.driver import default_callbacks
 
     cfg = load_config(Path(a.run_dir) / "config.yaml")
     resume(a.run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])

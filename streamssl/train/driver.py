@@ -318,14 +318,9 @@ def _result_from_state(e: dict[str, Any]) -> SegmentResult:
 
 
 def _write_results(run_dir: Path, results: list[SegmentResult], wall_s: float) -> None:
-    try:
-        from streamssl.tracking.report import write_results
-    except ImportError:
-        write_results = None
-    if write_results is not None:
-        write_results(str(run_dir), results, {"wall_s": wall_s})
-    else:
-        ck.write_json_atomic(run_dir / "results.json", {"segments": [_state_entry(r) for r in results], "wall_s": wall_s})
+    from streamssl.tracking.report import write_results
+
+    write_results(str(run_dir), results, {"wall_s": wall_s})
 
 
 # --------------------------------------------------------------------------- entry points
