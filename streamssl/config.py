@@ -61,6 +61,7 @@ class SSLConfig(_Section):
     temperature: float = Field(0.2, gt=0)
     queue_size: int = Field(4096, ge=0)  # MoCo: negatives kept from earlier batches
     momentum: float = Field(0.99, ge=0, le=1)  # MoCo / BYOL target-network EMA
+    moco_projector_bn: bool = False  # MoCo: BatchNorm in the projector's hidden layer (SimCLR/MoCo v3 style)
     barlow_lambda: float = Field(5e-3, ge=0)
     augment: Literal["grayscale_small", "rgb_imagenet"] = "grayscale_small"
 

@@ -76,6 +76,18 @@ def test_info_nce_without_queue_uses_batch_keys():
     assert info_nce(q, k, None, 1.0).item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
 
 
+def test_info_nce_without_queue_uses_the_global_batch_keys():
+    # This worker holds the second of two rows of the global batch: its key sits at offset 1.
+    q = _t([[0.0, 1.0]])
+    k_all = _t([[1.0, 0.0], [0.6, 0.8]])
+    expected = -math.log(math.exp(0.8) / (math.exp(0) + math.exp(0.8)))
+    assert info_nce(q, k_all[1:], None, 1.0, k_all=k_all, offset=1).item() == pytest.approx(expected, rel=1e-6)
+    # One worker: the gathered keys are the local keys and the loss is the plain in-batch loss.
+    k = _t([[1.0, 0.0], [0.6, 0.8]])
+    q2 = _t([[1.0, 0.0], [0.0, 1.0]])
+    assert info_nce(q2, k, None, 1.0, k_all=k, offset=0).item() == pytest.approx(info_nce(q2, k, None, 1.0).item())
+
+
 def _nt_xent_reference(z1: np.ndarray, z2: np.ndarray, t: float) -> float:
     """Loop-by-loop NT-Xent written from the SimCLR paper's definition."""
     z = np.concatenate([z1, z2])
@@ -450,6 +462,19 @@ def _dist_worker(rank: int, world: int, port: int) -> None:
         assert int(moco.queue_ptr) == 8
         start = sum(sizes[:rank])
         assert torch.allclose(moco.queue[start : start + sizes[rank]], own_keys, atol=1e-6)
+
+        # MoCo without a queue: negatives are the keys of the global batch, so the ranks' mean
+        # loss equals the one-process loss on the concatenated batch (same weights everywhere).
+        torch.manual_seed(0)
+        moco0 = MoCoV2(SmallCNN(1, 4), proj_hidden_dim=8, proj_dim=4, queue_size=0).eval()
+        xs = [_seeded(30 + r, 4, 1, 12, 12) for r in range(world)]
+        local = moco0(xs[rank], xs[rank].flip(-1))["loss"]
+        # The one-process reference must not gather: compute it from the module's pieces.
+        xa = torch.cat(xs)
+        q1, q2 = moco0._query(xa), moco0._query(xa.flip(-1))
+        k1, k2 = moco0._key(xa), moco0._key(xa.flip(-1))
+        ref = 0.5 * (info_nce(q1, k2, None, moco0.temperature) + info_nce(q2, k1, None, moco0.temperature))
+        assert torch.allclose(D.all_reduce_mean(local.detach()), ref.detach(), atol=1e-6)
 
         # SimCLR's gather: the local loss sees the global batch, and gradients reach every rank.
         n, dim, t = 3, 5, 0.4

@@ -19,16 +19,20 @@ def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def info_nce(q: Tensor, k: Tensor, queue: Tensor | None, temperature: float) -> Tensor:
+def info_nce(q: Tensor, k: Tensor, queue: Tensor | None, temperature: float, *,
+             k_all: Tensor | None = None, offset: int = 0) -> Tensor:
     """MoCo's InfoNCE: query i must pick its key i among that key and the queued negatives.
 
     ``q``, ``k``: (N, D); ``queue``: (K, D) past keys. All are L2-normalized here. With an empty or
-    missing queue the other keys of the batch serve as negatives (``queue_size=0`` still trains).
+    missing queue the other keys of the batch serve as negatives (``queue_size=0`` still trains):
+    ``k_all`` (M, D), the keys of the whole global batch gathered in rank order, with this
+    worker's keys at rows ``offset:offset+N``; without it, the local keys ``k``.
     """
     q, k = _unit(q), _unit(k)
     if queue is None or queue.shape[0] == 0:
-        logits = q @ k.T / temperature
-        labels = torch.arange(q.shape[0], device=q.device)
+        keys = k if k_all is None else _unit(k_all)
+        logits = q @ keys.T / temperature
+        labels = torch.arange(q.shape[0], device=q.device) + (0 if k_all is None else offset)
         return F.cross_entropy(logits, labels)
     pos = (q * k).sum(dim=1, keepdim=True)
     neg = q @ _unit(queue).T

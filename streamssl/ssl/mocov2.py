@@ -3,9 +3,13 @@
 Why a queue in a streaming setting: the number of negatives is decoupled from the batch size, which
 is small per CPU worker. Keys from *all* workers are enqueued (gathered without gradient), so every
 rank holds the identical queue and the effective negative set grows with the worker count.
+``queue_size=0`` drops the queue: the negatives are then the other keys of the whole global batch
+(gathered from all workers). The CPU demo uses that: over its few hundred steps, negatives from
+earlier steps' key encoders slowed learning (benchmarks/README.md, "Demo recipe").
 
 Choices: the loss is symmetric (each view is once query, once key), as in solo-learn's MoCo v2+,
-which trains faster per image; the projector is MoCo v2's Linear-ReLU-Linear without BatchNorm.
+which trains faster per image; the projector is MoCo v2's Linear-ReLU-Linear, without BatchNorm unless
+``ssl.moco_projector_bn`` adds one to the hidden layer (as SimCLR and MoCo v3 do).
 Shuffle-BN is not implemented: with Ray Train each worker computes BN statistics over its own
 keys only, and symmetric loss plus the BN-free projector keep the in-batch leak small in practice.
 """
@@ -36,11 +40,12 @@ class MoCoV2(SSLMethod):
         temperature: float = 0.2,
         queue_size: int = 4096,
         momentum: float = 0.99,
+        projector_bn: bool = False,
     ) -> None:
         super().__init__(backbone)
         self.temperature = temperature
         self.momentum = momentum
-        self.projector = MLPHead(self.feature_dim, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=False)
+        self.projector = MLPHead(self.feature_dim, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=projector_bn)
         self.key_backbone = make_target(self.backbone)
         self.key_projector = make_target(self.projector)
         # A fixed-seed generator makes the initial queue identical on every rank regardless of
@@ -52,7 +57,8 @@ class MoCoV2(SSLMethod):
 
     @classmethod
     def from_config(cls, backbone: nn.Module, cfg: SSLConfig) -> "MoCoV2":
-        return cls(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.temperature, cfg.queue_size, cfg.momentum)
+        return cls(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.temperature, cfg.queue_size, cfg.momentum,
+                   projector_bn=cfg.moco_projector_bn)
 
     def _query(self, x: Tensor) -> Tensor:
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
@@ -66,11 +72,19 @@ class MoCoV2(SSLMethod):
         q1, q2 = self._query(view1), self._query(view2)
         k1, k2 = self._key(view1), self._key(view2)
         queue = self.queue  # the losses normalize it into new tensors, so enqueueing later is safe
-        loss = 0.5 * (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature))
+        if queue.shape[0] == 0:
+            # No queue: the negatives are the other keys of the whole global batch.
+            sizes = D.all_gather_sizes(k1.shape[0], k1.device)
+            offset = sum(sizes[: D.rank()])
+            k1_all, k2_all = D.gather_no_grad(k1, sizes), D.gather_no_grad(k2, sizes)
+            loss = 0.5 * (info_nce(q1, k2, None, self.temperature, k_all=k2_all, offset=offset)
+                          + info_nce(q2, k1, None, self.temperature, k_all=k1_all, offset=offset))
+        else:
+            loss = 0.5 * (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature))
         out = {"loss": loss, "pos_sim": self.pos_sim(q1, k2), "z_std": self.embedding_std(q1)}
         if queue.shape[0] > 0:
             out["neg_sim"] = (q1.detach() @ queue.T).mean()  # before the enqueue overwrites it
-        if self.training:
+        if self.training and self.queue.shape[0] > 0:
             # One key per image (view 2's) keeps "queue_size" = that many past images.
             self.enqueue(D.gather_no_grad(k2))
         return out
