@@ -83,3 +83,15 @@ def test_cli_reports_config_error(capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "ssl.backbone" in err and "resnet18" in err
+
+
+def test_cli_takes_overrides_after_an_option(capsys):
+    from streamssl.cli import main
+
+    # `train CONFIG --run-dir D k=v`: the override after the option still reaches the config
+    # (here a bad one, so the run stops at validation, before anything starts).
+    rc = main(["train", str(DEFAULT), "--run-dir", "/nonexistent/run", "ssl.backbone=vit"])
+    assert rc == 2
+    assert "ssl.backbone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(DEFAULT), "--run-dir", "/nonexistent/run", "--bogus"])

@@ -515,3 +515,20 @@ def _dist_worker(rank: int, world: int, port: int) -> None:
 
 def test_two_process_gloo_gathering():
     mp.spawn(_dist_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_bf16_engine_cast_leaves_batchnorm_usable_after_matching_buffers():
+    # What DeepSpeed's bf16 engine does to a module: parameters cast in place, buffers untouched.
+    torch.manual_seed(0)
+    moco = MoCoV2(SmallCNN(1, 4), proj_hidden_dim=8, proj_dim=4, queue_size=0)
+    for p in moco.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    x = torch.rand(4, 1, 12, 12).to(torch.bfloat16)
+    with pytest.raises(RuntimeError):  # bf16 BN weight next to float32 running stats
+        moco(x, x.flip(-1))
+    moco.match_norm_buffers_to_weights()
+    assert moco.backbone.features[0][1].running_mean.dtype == torch.bfloat16
+    out = moco(x, x.flip(-1))
+    assert torch.isfinite(out["loss"])
+    # EMA targets are kept in float32 whatever the engine did.
+    assert all(t.dtype == torch.float32 for t in moco.key_backbone.state_dict().values() if t.is_floating_point())

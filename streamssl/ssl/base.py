@@ -122,6 +122,20 @@ class SSLMethod(nn.Module):
         """Mean per-dimension std of L2-normalized embeddings; ~1/sqrt(D) healthy, 0 = collapse."""
         return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
 
+    def match_norm_buffers_to_weights(self) -> None:
+        """Give every BatchNorm's running statistics its weight's dtype.
+
+        DeepSpeed's bf16 engine casts parameters, not buffers, which leaves bf16 BatchNorm weights
+        next to float32 running stats; ``F.batch_norm`` rejects that mix ("expected scalar type
+        BFloat16 but found Float", seen on CPU). EMA targets stay float32 throughout (no-op there).
+        """
+        for mod in self.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
+                for name in ("running_mean", "running_var"):
+                    buf = getattr(mod, name)
+                    if buf is not None and buf.dtype != mod.weight.dtype:
+                        buf.data = buf.data.to(mod.weight.dtype)
+
     def _ensure_fp32(self) -> None:
         """Upcast EMA targets and checkpointed float buffers back to float32 if someone cast them.
 

@@ -37,6 +37,11 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None)
     from streamssl.train.progress import ProgressPrinter
 
     cfg = load_config(config_path, overrides)
+    # The demo's console shows one progress bar per stream (below); Ray Data's per-operator bars
+    # for every segment read and every evaluation pass would bury it (~1,100 lines per demo).
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
     print(f"streamssl demo: {cfg.stream.segments}-segment {cfg.stream.protocol} stream of {cfg.data.source}, "
           f"{cfg.ssl.method} on {cfg.ssl.backbone}, {cfg.scaling.num_workers} Ray Train workers (DeepSpeed ZeRO-"
           f"{cfg.scaling.zero_stage}), replay {cfg.replay.size}, regularization {cfg.regularization.method}",

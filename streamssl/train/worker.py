@@ -193,6 +193,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, micro_batch))
     module = engine.module
+    module.match_norm_buffers_to_weights()  # bf16: the engine cast BN weights but not their stats
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
 
     # Restarted by Ray Train after a failure inside this segment: continue from its checkpoint.
