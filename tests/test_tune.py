@@ -155,6 +155,7 @@ def test_sweep_grid_replay_size_x_mas_lambda(tmp_path, tiny_dataset, ray_local):
         assert (replayed > 0) == (t["params"]["replay.size"] > 0), t
 
 
+@pytest.mark.slow  # ~2.5 min quiet: the longest default test; the 2-trial sweep above keeps Tune in CI
 def test_asha_stops_the_bad_trial_early(tmp_path, tiny_dataset, ray_local):  # noqa: F811
     """ASHA (grace 1, reduction factor 2, max_t 3 segments) stops a hopeless trial after 1 segment.
 
