@@ -84,9 +84,9 @@ class MoCoV2(SSLMethod):
         out = {"loss": loss, "pos_sim": self.pos_sim(q1, k2), "z_std": self.embedding_std(q1)}
         if queue.shape[0] > 0:
             out["neg_sim"] = (q1.detach() @ queue.T).mean()  # before the enqueue overwrites it
-        if self.training and self.queue.shape[0] > 0:
-            # One key per image (view 2's) keeps "queue_size" = that many past images.
-            self.enqueue(D.gather_no_grad(k2))
+            if self.training:
+                # One key per image (view 2's) keeps "queue_size" = that many past images.
+                self.enqueue(D.gather_no_grad(k2))
         return out
 
     @torch.no_grad()
