@@ -27,7 +27,8 @@ def _print_json(obj: Any) -> None:
 def cmd_ingest(a: argparse.Namespace) -> int:
     from streamssl.data.ingest import ingest
 
-    summary = ingest(a.source, a.out, src=a.src, shard_rows=a.shard_rows, progress=not a.quiet)
+    summary = ingest(a.source, a.out, src=a.src, shard_rows=a.shard_rows, progress=not a.quiet,
+                     derive_domains=a.derive_domains)
     _print_json(summary)
     return 0
 
@@ -111,6 +112,19 @@ def cmd_tune(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(a: argparse.Namespace) -> int:
+    from streamssl.study import run_study
+
+    summary = run_study(a.config, a.out, resume=a.resume, overrides=a.overrides)
+    print((Path(summary["study_dir"]) / "study.md").read_text())
+    print(f"study directory: {summary['study_dir']} ({summary['finished']}/{summary['cells']} cells finished)")
+    if summary.get("errors"):
+        print(f"streamssl study: {len(summary['errors'])} cell(s) failed: {', '.join(summary['errors'])}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
     from streamssl.jobs import submit_from_args
 
@@ -130,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--src", default=None, help="source path (default: the source's standard location)")
     s.add_argument("--out", required=True, help="output dataset directory or pyarrow URI (file://, s3://)")
     s.add_argument("--shard-rows", type=int, default=10_000)
+    s.add_argument("--derive-domains", default=None, metavar="SPEC",
+                   help="split the images into synthetic domains, one transform each, e.g. "
+                        "original,rotate90,invert,blur_noise (for `stream --protocol domain`)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
 
@@ -154,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
             s.add_argument("--sweep-dir", default=None)
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("study", help="sequential vs joint: the comparison grid as one Ray Tune experiment")
+    s.add_argument("config", help="study YAML (see configs/study_fashion_mnist.yaml)")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base run config")
+    s.add_argument("--out", required=True, help="study directory (table, figures, one run dir per cell)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
+    s.set_defaults(fn=cmd_study)
 
     s = sub.add_parser("resume", help="continue a killed run from its last completed segment")
     s.add_argument("run_dir")
@@ -198,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"streamssl: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         # Ingest/stream/config problems are the user's to fix: one clear line, no traceback.
         print(f"streamssl {args.verb}: error: {e}", file=sys.stderr)
         return 2

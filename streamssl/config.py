@@ -35,6 +35,12 @@ class DataConfig(_Section):
     image_size: int = Field(28, ge=8, le=1024)  # decoded images are resized to this square size
     channels: Literal[1, 3] = 1
     eval_split: str = "test"  # split held out for evaluation; never streamed
+    # Ingest with synthetic domains (``streamssl ingest --derive-domains``), e.g.
+    # "original,rotate90,invert,blur_noise"; for the domain protocol on data without domain labels.
+    derive_domains: str | None = None
+    # Rows each training worker keeps in Ray Data's local shuffle buffer to mix its stream of a
+    # segment (plan order is class- or shard-grouped); 0 = train in plan order. See train/worker.py.
+    shuffle_buffer: int = Field(2048, ge=0)
 
 
 class StreamConfig(_Section):
@@ -62,6 +68,8 @@ class SSLConfig(_Section):
     queue_size: int = Field(4096, ge=0)  # MoCo: negatives kept from earlier batches
     momentum: float = Field(0.99, ge=0, le=1)  # MoCo / BYOL target-network EMA
     moco_projector_bn: bool = False  # MoCo: BatchNorm in the projector's hidden layer (SimCLR/MoCo v3 style)
+    shuffle_bn: bool = True  # MoCo: key BN statistics from a shuffled batch, not the query's
+    shuffle_bn_groups: int = Field(2, ge=1)  # MoCo shuffle-BN with one worker: key groups per batch
     barlow_lambda: float = Field(5e-3, ge=0)
     augment: Literal["grayscale_small", "rgb_imagenet"] = "grayscale_small"
 
@@ -89,6 +97,10 @@ class ReplayConfig(_Section):
     size: int = Field(0, ge=0)
     ratio: float = Field(0.5, ge=0, lt=1)  # fraction of each batch drawn from the buffer
     policy: Literal["reservoir", "balanced"] = "reservoir"
+    # append: replay rows are added on top of optim.batch_size (more compute than naive);
+    # replace: they take a share of optim.batch_size, so replay costs what naive costs (the
+    # setting for comparing strategies at equal compute). See train/driver.py::batch_plan.
+    mode: Literal["append", "replace"] = "append"
 
 
 class RegularizationConfig(_Section):
@@ -161,7 +173,9 @@ class Config(_Section):
     name: str = "streamssl"
     run_dir: str | None = None  # None = runs/<name>-<time>
     seed: int = 0
-    strategy: Literal["naive", "joint"] = "naive"
+    # naive: segment t only, from t-1's weights (+ replay / regularization plugins);
+    # joint: a fresh model on segments 0..t; cumulative: segments 0..t from t-1's weights.
+    strategy: Literal["naive", "joint", "cumulative"] = "naive"
     data: DataConfig = Field(default_factory=DataConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     ssl: SSLConfig = Field(default_factory=SSLConfig)
@@ -183,8 +197,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        if self.strategy == "joint" and self.replay.size > 0:
-            raise ValueError("strategy 'joint' already trains on all past data; set replay.size=0")
+        if self.strategy in ("joint", "cumulative") and self.replay.size > 0:
+            raise ValueError(f"strategy {self.strategy!r} already trains on all past data; set replay.size=0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

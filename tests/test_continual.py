@@ -284,9 +284,9 @@ def test_mas_importance_matches_the_hand_computation():
     assert torch.equal(reg.anchor["backbone.weight"], w)
 
 
-def test_mas_accumulates_the_mean_over_segments():
+def _two_mas_segments(reg: MAS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run two segments with different weights and data; return (Ω_a, Ω_b, final weights)."""
     m = Tiny()
-    reg = MAS()
     xa, xb = _x(10, 5), _x(11, 5)
     w1 = m.backbone.weight.detach().clone()
     reg.after_segment(m, [(xa, xa)], _no_loss, 1)
@@ -294,9 +294,33 @@ def test_mas_accumulates_the_mean_over_segments():
         m.backbone.weight.mul_(-1.5).add_(0.2)
     w2 = m.backbone.weight.detach().clone()
     reg.after_segment(m, [(xb, xb)], _no_loss, 1)
-    expected = (_mas_by_hand(w1, xa) + _mas_by_hand(w2, xb)) / 2
-    assert torch.allclose(reg.omega["backbone.weight"], expected, atol=1e-5)
+    return _mas_by_hand(w1, xa), _mas_by_hand(w2, xb), w2
+
+
+def test_mas_accumulates_the_sum_over_segments_as_in_the_paper():
+    reg = MAS()
+    a, b, w2 = _two_mas_segments(reg)
+    assert torch.allclose(reg.omega["backbone.weight"], a + b, atol=1e-5)  # Ω ← Ω_prev + Ω_new
+    assert not torch.allclose(reg.omega["backbone.weight"], (a + b) / 2, atol=1e-3)
     assert torch.equal(reg.anchor["backbone.weight"], w2) and reg.segments == 2
+    # A third segment with the same importance as the first adds it once more.
+    assert torch.allclose(reg.accumulate(reg.omega, {"backbone.weight": a})["backbone.weight"], 2 * a + b, atol=1e-5)
+
+
+def test_mas_running_mean_is_an_explicit_opt_in():
+    reg = MAS(accumulate="mean")
+    a, b, _ = _two_mas_segments(reg)
+    assert torch.allclose(reg.omega["backbone.weight"], (a + b) / 2, atol=1e-5)
+    assert reg.describe() == "mas(lambda=1,accumulate=mean)" and MAS().describe() == "mas(lambda=1)"
+    with pytest.raises(ValueError, match="'sum', 'mean'"):
+        MAS(accumulate="max")
+
+
+def test_mas_sum_treats_a_parameter_missing_on_one_side_as_zero():
+    reg = MAS()
+    one, two = torch.ones(2), torch.full((3,), 2.0)
+    out = reg.accumulate({"old": one}, {"new": two})
+    assert torch.equal(out["old"], one) and torch.equal(out["new"], two)
 
 
 def test_ewc_fisher_matches_the_hand_computation_and_decays_online():

@@ -154,8 +154,10 @@ def test_sharpness_of_ssl_loss_at_checkpoint(run: tuple[Config, Path, Path]) -> 
     # if MoCo's enqueue (or BatchNorm statistics) leaked from one evaluation into the next.
     flat = ssl_sharpness(cfg, seg1, images, rho=0.0)
     assert flat.deltas == [0.0] * 4
-    # Bigger perturbations of a network cost more loss on average.
-    assert ssl_sharpness(cfg, seg1, images, rho=0.5, directions=8).sharpness > res.sharpness > 0
+    # Bigger perturbations of a network cost more loss on average. (At rho=0.05 the mean change of
+    # this barely trained model's loss is within noise of 0 and may take either sign.)
+    big = ssl_sharpness(cfg, seg1, images, rho=0.5, directions=8).sharpness
+    assert big > res.sharpness and big > 0
 
     assert ssl_sharpness(cfg, seg1, images[:3]) is None  # cannot fill 2 batches of >= 2
 

@@ -226,6 +226,51 @@ def test_moco_forward_enqueues_only_in_training():
     assert torch.allclose(m.queue[:3].norm(dim=1), torch.ones(3), atol=1e-5)
 
 
+class _NoBNEncoder(nn.Module):
+    """An encoder without BatchNorm: a row's features do not depend on the rest of its batch."""
+
+    def __init__(self, in_channels: int = 1, out_dim: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, out_dim, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_moco_shuffle_bn_in_one_process_undoes_its_permutation():
+    x = torch.rand(8, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    # Without BatchNorm, shuffling then un-shuffling the key batch must change nothing.
+    torch.manual_seed(0)
+    plain = MoCoV2(_NoBNEncoder(), proj_hidden_dim=8, proj_dim=4, queue_size=16)
+    keys, keys_all = plain._keys(x, [8])
+    assert keys_all is keys and torch.allclose(keys, plain._key(x), atol=1e-6)
+    torch.manual_seed(0)
+    unshuffled = MoCoV2(_NoBNEncoder(), proj_hidden_dim=8, proj_dim=4, queue_size=16, shuffle_bn=False)
+    a, b = plain(x, x.flip(-1)), unshuffled(x, x.flip(-1))
+    assert torch.allclose(a["loss"], b["loss"], atol=1e-6)
+    assert torch.allclose(plain.queue, unshuffled.queue, atol=1e-6)  # view 2's keys, in row order
+
+    # With BatchNorm, each key gets the statistics of its random group, not of the whole batch.
+    torch.manual_seed(0)
+    bn = MoCoV2(SmallCNN(1, 4), proj_hidden_dim=8, proj_dim=4, queue_size=0, shuffle_bn_groups=2)
+    torch.manual_seed(5)
+    perm = torch.randperm(8)
+    torch.manual_seed(5)  # _keys draws the same permutation
+    shuffled, _ = bn._keys(x, [8])
+    for group in perm.tensor_split(2):
+        assert torch.allclose(shuffled[group], bn._key(x[group]), atol=1e-5)
+    assert not torch.allclose(shuffled, bn._key(x), atol=1e-3)
+    # Too few rows for two groups of >= 2 (BatchNorm needs them): one group, plain keys.
+    assert torch.allclose(bn._keys(x[:3], [3])[0], bn._key(x[:3]), atol=1e-5)
+    # Eval mode uses running statistics: no shuffle, nothing gathered.
+    bn.eval()
+    k, k_all = bn._keys(x, None)
+    assert k_all is None and torch.equal(k, bn._key(x))
+    assert build_method(_tiny_cfg("mocov2", shuffle_bn=False), 1).shuffle_bn is False
+    assert build_method(_tiny_cfg("mocov2", shuffle_bn_groups=4), 1).shuffle_bn_groups == 4
+
+
 def test_ema_update_math():
     torch.manual_seed(0)
     online, target = nn.Linear(3, 2), nn.Linear(3, 2)
@@ -417,12 +462,15 @@ def test_load_torchvision_state_dict_into_resnet18():
     with torch.no_grad():  # a gray image through the summed filter == the RGB net on R=G=B
         assert torch.allclose(gray(g), tv(g.expand(-1, 3, -1, -1)), atol=1e-4)
 
+    # The 7x7 ImageNet stem does not fit the 3x3 CIFAR stem: an error that names the setting,
+    # never a silently random conv1 (tests/test_hpt_init.py covers the training-side loader).
     cifar = build_backbone("resnet18", 1, cifar_stem=True)
-    missing, unexpected = load_torchvision_state_dict(cifar, sd)
-    assert missing == ["conv1.weight"] and unexpected == ["conv1.weight"]
-    assert torch.equal(cifar.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
-    with pytest.raises(RuntimeError, match="conv1.weight"):
-        load_torchvision_state_dict(cifar, sd, strict=True)
+    before = cifar.layer1[0].conv1.weight.clone()
+    for strict in (False, True):
+        with pytest.raises(ValueError, match=r"ssl\.cifar_stem") as err:
+            load_torchvision_state_dict(cifar, sd, strict=strict)
+        assert "(64, 3, 7, 7)" in str(err.value) and "(64, 1, 3, 3)" in str(err.value)
+    assert torch.equal(cifar.layer1[0].conv1.weight, before)  # nothing half-loaded
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -450,8 +498,9 @@ def _dist_worker(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         # MoCo: unequal batches (3 and 5); both ranks end with the same queue holding all keys.
+        # (Shuffle-BN off: with it a key depends on the shuffled batch; see _shuffle_bn_worker.)
         torch.manual_seed(0)
-        moco = MoCoV2(SmallCNN(1, 4), proj_hidden_dim=8, proj_dim=4, queue_size=12)
+        moco = MoCoV2(SmallCNN(1, 4), proj_hidden_dim=8, proj_dim=4, queue_size=12, shuffle_bn=False)
         sizes = [3, 5]
         x = _seeded(10 + rank, sizes[rank], 1, 12, 12)
         own_keys = moco._key(x.flip(-1))
@@ -515,6 +564,64 @@ def _dist_worker(rank: int, world: int, port: int) -> None:
 
 def test_two_process_gloo_gathering():
     mp.spawn(_dist_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _shuffle_bn_worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sizes = [3, 5]
+        xs = [_seeded(50 + r, sizes[r], 1, 12, 12) for r in range(world)]
+        x, xa = xs[rank], torch.cat(xs)
+        start, n = sum(sizes[:rank]), sizes[rank]
+
+        # The helper: rows come back in place, every rank encodes a chunk of its own size, and
+        # rows do travel between ranks. Seeds differ per rank: only rank 0's permutation may count.
+        torch.manual_seed(rank)
+        def tag(c: torch.Tensor) -> torch.Tensor:
+            return torch.cat([c.flatten(1), torch.full((c.shape[0], 1), float(rank))], dim=1)
+        moved = False
+        for _ in range(5):
+            local, glob = D.shuffled_apply(tag, x)
+            assert torch.equal(local[:, :-1], x.flatten(1)) and torch.equal(glob[:, :-1], xa.flatten(1))
+            assert [int((glob[:, -1] == r).sum()) for r in range(world)] == sizes
+            moved |= not torch.equal(glob[:, -1], torch.tensor([0.0] * 3 + [1.0] * 5))
+        assert moved
+
+        # MoCo without BatchNorm: each rank gets the keys of its own rows, as if the whole global
+        # batch went through one key encoder; the queue and the queue-free loss agree with that.
+        torch.manual_seed(0)
+        moco = MoCoV2(_NoBNEncoder(), proj_hidden_dim=8, proj_dim=4, queue_size=16)
+        keys, keys_all = moco._keys(x, sizes)
+        ref = moco._key(xa)
+        assert torch.allclose(keys, ref[start : start + n], atol=1e-6) and torch.allclose(keys_all, ref, atol=1e-6)
+        moco(x, x.flip(-1))
+        assert torch.allclose(moco.queue[:8], moco._key(xa.flip(-1)), atol=1e-6)
+
+        torch.manual_seed(0)
+        moco0 = MoCoV2(_NoBNEncoder(), proj_hidden_dim=8, proj_dim=4, queue_size=0)
+        local_loss = moco0(x, x.flip(-1))["loss"]
+        q1, q2 = moco0._query(xa), moco0._query(xa.flip(-1))
+        k1, k2 = moco0._key(xa), moco0._key(xa.flip(-1))
+        full = 0.5 * (info_nce(q1, k2, None, moco0.temperature) + info_nce(q2, k1, None, moco0.temperature))
+        weighted = D.all_reduce_mean(local_loss.detach() * n) * world / sum(sizes)  # unequal batches
+        assert torch.allclose(weighted, full.detach(), atol=1e-6)
+
+        # With BatchNorm: a key gets the statistics of the chunk rank 0's permutation sent it to.
+        torch.manual_seed(0)
+        bn = MoCoV2(SmallCNN(1, 4), proj_hidden_dim=8, proj_dim=4, queue_size=0)
+        torch.manual_seed(rank)
+        _, glob = bn._keys(x, sizes)
+        perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))  # rank 0's draw
+        mine = perm[start : start + n]
+        assert torch.allclose(glob[mine], bn._key(xa[mine]), atol=1e-5)
+        assert not torch.allclose(glob[start : start + n], bn._key(x), atol=1e-3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_shuffle_bn():
+    mp.spawn(_shuffle_bn_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
 def test_bf16_engine_cast_leaves_batchnorm_usable_after_matching_buffers():

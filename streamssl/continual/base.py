@@ -359,18 +359,19 @@ def take(batches: Batches, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
 def build_strategy(cfg: Config) -> Strategy:
     """Compose the plugins a config asks for: replay (``replay.size > 0``) and/or a regularizer.
 
-    ``strategy: joint`` trains on all segments so far (the driver reads them itself) and takes no
-    plugins; combining it with a regularizer is rejected rather than silently ignored.
+    ``strategy: joint`` (a fresh model on segments 0..t) and ``cumulative`` (segments 0..t from
+    t-1's weights) train on all segments so far (the driver reads them itself) and take no
+    plugins; combining them with replay or a regularizer is rejected rather than silently ignored.
     """
     from streamssl.continual.regularizers import REGULARIZERS
     from streamssl.continual.replay import ReplayBuffer, ReplayPlugin
 
     reg = cfg.regularization
-    if cfg.strategy == "joint":
+    if cfg.strategy in ("joint", "cumulative"):
         if cfg.replay.size > 0 or reg.method != "none":
-            raise ValueError("strategy 'joint' already trains on all past data: set replay.size=0 and "
+            raise ValueError(f"strategy {cfg.strategy!r} already trains on all past data: set replay.size=0 and "
                              "regularization.method=none")
-        return Strategy([], base="joint")
+        return Strategy([], base=cfg.strategy)
     plugins: list[StrategyPlugin] = []
     if cfg.replay.size > 0:
         plugins.append(ReplayPlugin(ReplayBuffer(cfg.replay.size, cfg.replay.policy, seed=cfg.seed)))

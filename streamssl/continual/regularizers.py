@@ -14,6 +14,8 @@ The anchor θ* is always the weights at the end of the most recent segment.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -36,16 +38,28 @@ class MAS(Regularizer):
     * Computed in float32 on a float32 copy of the weights, whatever the training precision.
     * Only backbone parameters get an Ω (heads do not influence f, their Ω would be 0), so heads
       are left free; they are not part of the encoder we keep.
-    * Accumulation across segments: the running *mean* over segments,
-      ``Ω_t = (t·Ω_{t−1} + Ω_new) / (t + 1)``. A sum (the paper's multi-task form) grows linearly
-      with the number of segments and would eventually freeze the encoder; the stream's length is
-      unknown and possibly unbounded, and the mean keeps the penalty's scale, hence a tuned λ,
-      independent of how far into the stream we are.
+    * Accumulation across segments follows the paper: a sum, ``Ω_t = Ω_{t−1} + Ω_new``
+      (Aljundi et al., 2018: importance is accumulated over the tasks learned so far). The
+      penalty's scale therefore grows roughly linearly with the number of finished segments, so a
+      λ tuned on a K-segment stream is tuned *for K*: on a longer stream the same λ pulls harder
+      on late segments and can eventually freeze the encoder. ``accumulate="mean"`` opts into the
+      running mean ``Ω_t = (t·Ω_{t−1} + Ω_new) / (t + 1)`` instead, whose scale stays that of one
+      segment's importance (a λ that transfers across stream lengths), at the price of deviating
+      from the paper: each old segment's weight shrinks as 1/t.
     """
 
     name = "mas"
     #: upper bound on floats held by one chunk of per-sample gradients (2**26 floats = 256 MB).
     max_chunk_floats: int = 2**26
+    #: how :meth:`accumulate` folds segments together (see the class docstring).
+    ACCUMULATE: ClassVar[tuple[str, ...]] = ("sum", "mean")
+
+    def __init__(self, lambda_: float = 1.0, accumulate: str = "sum") -> None:
+        super().__init__(lambda_)
+        if accumulate not in self.ACCUMULATE:
+            raise ValueError(f"MAS accumulate must be one of {', '.join(map(repr, self.ACCUMULATE))}, "
+                             f"got {accumulate!r}")
+        self.accumulate_mode = accumulate
 
     def compute_importance(self, module: nn.Module, batches: Batches, loss_fn: LossFn,
                            max_batches: int) -> dict[str, Tensor]:
@@ -85,6 +99,10 @@ class MAS(Regularizer):
         return {full_name[id(trainable[n])]: v for n, v in mean.items()}
 
     def accumulate(self, old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``old + new`` (the paper), or the running mean with ``accumulate="mean"``.
+
+        A parameter missing on one side (a new layer, a layer no longer trained) counts as 0 there.
+        """
         t = self.segments
         out: dict[str, Tensor] = {}
         for n in old.keys() | new.keys():
@@ -94,8 +112,12 @@ class MAS(Regularizer):
                 prev = torch.zeros_like(cur)  # type: ignore[arg-type]
             if cur is None:
                 cur = torch.zeros_like(prev)
-            out[n] = (t * prev + cur) / (t + 1)
+            out[n] = prev + cur if self.accumulate_mode == "sum" else (t * prev + cur) / (t + 1)
         return out
+
+    def describe(self) -> str:
+        extra = "" if self.accumulate_mode == "sum" else f",accumulate={self.accumulate_mode}"
+        return f"{self.name}(lambda={self.lambda_:g}{extra})"
 
 
 class EWC(Regularizer):

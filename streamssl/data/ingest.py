@@ -25,6 +25,11 @@ The content hash of an image is the SHA-256 of its bytes as received, except for
 deliver raw pixels (IDX): their PNG encoding depends on the zlib build inside Pillow, so their
 digest uses a hash of the pixels instead. The index's ``sha256`` column is always the hash of
 the stored bytes (for integrity checks of the shards).
+
+With ``derive_domains`` (:mod:`streamssl.data.derived_domains`) every usable record is assigned
+a synthetic domain before decoding, and the decode workers apply that domain's transform right
+after validating the image and store the result as PNG (digest: pixel hash, as for IDX); same
+single pass, same bounded memory.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from streamssl.data import layout
+from streamssl.data.derived_domains import (
+    DerivedDomains,
+    apply_transform,
+    assign_domains,
+    decode_pixels,
+    domain_counts,
+)
 from streamssl.data.images import DEFAULT_MAX_PIXELS, BadImage, encode_png, pixels_sha256, probe_image
 from streamssl.data.sources import IngestError, Record, Source, open_source
 
@@ -80,26 +92,52 @@ class IngestWarning(UserWarning):
 # --------------------------------------------------------------------------- decode workers
 
 
-def _payload(rec: Record) -> tuple[str, Any]:
-    """The part of a record a decode worker needs (metadata stays in the parent)."""
+def _payload(rec: Record, derived: DerivedDomains | None = None) -> tuple[str, Any, str | None, str]:
+    """The part of a record a decode worker needs (metadata stays in the parent): what to read,
+    and the derived-domain transform to apply (None: store as received)."""
+    transform = None
+    if derived is not None and rec.domain is not None:
+        t = derived.transform_of(rec.domain)
+        transform = None if t == "original" else t
     if rec.error is not None:
-        return ("error", rec.error)
+        return ("error", rec.error, None, rec.image_id)
     if rec.pixels is not None:
-        return ("pixels", rec.pixels)
+        return ("pixels", rec.pixels, transform, rec.image_id)
     if rec.data is not None:
-        return ("bytes", rec.data)
+        return ("bytes", rec.data, transform, rec.image_id)
     if rec.path is not None:
-        return ("path", rec.path)
-    return ("error", "record has no image")
+        return ("path", rec.path, transform, rec.image_id)
+    return ("error", "record has no image", None, rec.image_id)
 
 
-def _prepare(payload: tuple[str, Any], max_pixels: int) -> tuple:
-    """Read/encode and validate one image.
+def _prepare(payload: tuple[str, Any, str | None, str], max_pixels: int) -> tuple:
+    """Read/encode and validate one image, then apply its derived-domain transform if any.
 
     Returns ``("ok", data, width, height, format, sha256_hex, content_hash_hex)`` or
     ``("bad", kind, reason)``. Runs in worker processes: only plain values cross back.
     """
-    kind, value = payload
+    kind, value, transform, image_id = payload
+    if transform is None or kind == "error":
+        return _validate(kind, value, max_pixels)
+    encoded: bytes | None = None  # raw pixels need no validation beyond what encode_png checks below
+    if kind != "pixels":
+        res = _validate(kind, value, max_pixels)
+        if res[0] != "ok":
+            return res
+        encoded = res[1]
+    try:
+        pixels = np.asarray(value) if encoded is None else decode_pixels(encoded)
+        if pixels.ndim == 3 and pixels.shape[2] == 1:
+            pixels = pixels[:, :, 0]
+        out = apply_transform(transform, pixels, image_id)
+        data = encode_png(out)
+    except Exception as e:  # noqa: BLE001 - reported like any corrupt input, never fatal
+        return ("bad", "corrupt", f"{transform} transform failed: {e}")
+    sha = hashlib.sha256(data).hexdigest()
+    return ("ok", data, int(out.shape[1]), int(out.shape[0]), "PNG", sha, pixels_sha256(out))
+
+
+def _validate(kind: str, value: Any, max_pixels: int) -> tuple:
     if kind == "error":
         return ("bad", "skipped", value)
     if kind == "pixels":
@@ -125,7 +163,7 @@ def _prepare(payload: tuple[str, Any], max_pixels: int) -> tuple:
     return ("ok", data, info.width, info.height, info.format, sha, sha)
 
 
-def _prepare_chunk(payloads: list[tuple[str, Any]], max_pixels: int) -> list[tuple]:
+def _prepare_chunk(payloads: list[tuple[str, Any, str | None, str]], max_pixels: int) -> list[tuple]:
     return [_prepare(p, max_pixels) for p in payloads]
 
 
@@ -145,7 +183,7 @@ def _pool_context() -> Any:
 
 
 def _prepared(
-    records: Iterable[Record], max_pixels: int, workers: int
+    records: Iterable[Record], max_pixels: int, workers: int, derived: DerivedDomains | None = None
 ) -> Iterator[tuple[Record, tuple]]:
     """(record, result) pairs in source order; decoding fans out to ``workers`` processes.
 
@@ -157,7 +195,7 @@ def _prepared(
     it = iter(records)
     executor: ProcessPoolExecutor | None = None
     pool_failed = False
-    pending: deque[tuple[list[Record], list[tuple[str, Any]], Future | None]] = deque()
+    pending: deque[tuple[list[Record], list[tuple[str, Any, str | None, str]], Future | None]] = deque()
 
     def pool_broke(e: BaseException) -> None:
         nonlocal pool_failed
@@ -165,7 +203,7 @@ def _prepared(
         warnings.warn(f"ingest decode workers stopped ({e}); continuing in this process", IngestWarning, stacklevel=5)
         executor.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
 
-    def submit(payloads: list[tuple[str, Any]]) -> Future | None:
+    def submit(payloads: list[tuple[str, Any, str | None, str]]) -> Future | None:
         if executor is None or pool_failed:
             return None
         try:
@@ -174,7 +212,7 @@ def _prepared(
             pool_broke(e)
             return None
 
-    def results(payloads: list[tuple[str, Any]], fut: Future | None) -> list[tuple]:
+    def results(payloads: list[tuple[str, Any, str | None, str]], fut: Future | None) -> list[tuple]:
         if fut is not None:
             try:
                 return fut.result()  # finished before a breakdown: still good
@@ -191,7 +229,7 @@ def _prepared(
             chunk = list(islice(it, _CHUNK))
             if not chunk:
                 break
-            payloads = [_payload(r) for r in chunk]
+            payloads = [_payload(r, derived) for r in chunk]
             if executor is None and workers > 1 and done >= _POOL_AFTER:
                 executor = ProcessPoolExecutor(workers, mp_context=_pool_context())
             # A chunk without a future is decoded in-process when its turn comes (after older
@@ -244,6 +282,7 @@ class _DatasetWriter:
         self.label_counts: defaultdict[str, Counter[int]] = defaultdict(Counter)
         self.unlabeled: Counter[str] = Counter()
         self.formats: Counter[str] = Counter()
+        self.domain_counts: Counter[tuple[str, str | None, int | None]] = Counter()  # (split, domain, label)
         self.names: dict[int, str | None] = {}  # label -> class name, as the records say
         # 8-byte hashes of all image ids, for the uniqueness check at the end: the one thing
         # that grows with the collection (8 bytes per image: 10 MB for ImageNet's 1.3M).
@@ -303,6 +342,7 @@ class _DatasetWriter:
         else:
             self.label_counts[rec.split][rec.label] += 1
         self.formats[fmt] += 1
+        self.domain_counts[(rec.split, rec.domain, rec.label)] += 1
         self._shard_row += 1
         if (
             len(b["image_id"]) >= self.row_group_rows
@@ -500,6 +540,7 @@ def ingest(
     progress: bool = False,
     workers: int | None = None,
     filesystem: pafs.FileSystem | None = None,
+    derive_domains: str | DerivedDomains | None = None,
 ) -> dict[str, Any]:
     """Ingest images from ``source`` into a dataset at ``out``; return a JSON-able summary.
 
@@ -507,7 +548,9 @@ def ingest(
     ``src`` its location, or a :class:`~streamssl.data.sources.Source`. ``out`` is a local path
     or a pyarrow filesystem URI (``file://``, ``s3://``...), or a path inside ``filesystem``.
     ``workers`` decode processes (default: up to 2 CPUs) are started only for collections
-    larger than a few thousand images. Raises :class:`IngestError` for unusable input or
+    larger than a few thousand images. ``derive_domains`` (a spec such as
+    ``"original,rotate90,invert,blur_noise"``) splits the images into synthetic domains, see
+    :mod:`streamssl.data.derived_domains`. Raises :class:`IngestError` for unusable input or
     output, and when no image at all could be ingested; nothing is left at ``out`` then.
     """
     t0 = time.perf_counter()
@@ -518,6 +561,7 @@ def ingest(
         workers = min(2, os.cpu_count() or 1)
     if workers < 1:
         raise IngestError(f"workers must be >= 1, got {workers}")
+    derived = DerivedDomains.parse(derive_domains) if isinstance(derive_domains, str) else derive_domains
     fs, out_path = (filesystem, out.rstrip("/") or "/") if filesystem is not None else layout.resolve(out)
 
     src_obj = open_source(source, src) if isinstance(source, str) else source
@@ -539,7 +583,8 @@ def ingest(
 
             bar = tqdm(total=sum(hint.values()) if hint else None, unit="img", desc=f"ingest {src_obj.name}")
         try:
-            for rec, res in _prepared(src_obj, max_pixels, workers):
+            records = src_obj if derived is None else assign_domains(src_obj, derived)
+            for rec, res in _prepared(records, max_pixels, workers, derived):
                 writer.add(rec, res)
                 if bar is not None:
                     bar.update(1)
@@ -557,7 +602,7 @@ def ingest(
             )
         _check_unique_ids(fs, layout.join(tmp, layout.INDEX_FILE), writer.id_hashes)
         classes = _classes(src_obj, writer)
-        meta = _dataset_meta(src_obj, writer, classes, shard_rows, row_group_rows, max_pixels)
+        meta = _dataset_meta(src_obj, writer, classes, shard_rows, row_group_rows, max_pixels, derived)
         _publish(fs, tmp, out_path, meta)
     except BaseException:
         if writer is not None:
@@ -576,7 +621,7 @@ def ingest(
         )
         log.info(msg)  # the warning below is what users see; the log line is for log files
         warnings.warn(msg, IngestWarning, stacklevel=2)
-    return {
+    summary: dict[str, Any] = {
         "out": out_str,
         "source": src_obj.name,
         "num_images": writer.num_ok,
@@ -589,6 +634,9 @@ def ingest(
         "report": report,
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if derived is not None:
+        summary["domains"] = meta["derived_domains"]["counts"]
+    return summary
 
 
 def _remove_quietly(fs: pafs.FileSystem, path: str) -> None:
@@ -650,11 +698,14 @@ def _classes(src: Source, w: _DatasetWriter) -> list[str]:
 
 
 def _dataset_meta(
-    src: Source, w: _DatasetWriter, classes: list[str], shard_rows: int, row_group_rows: int, max_pixels: int
+    src: Source, w: _DatasetWriter, classes: list[str], shard_rows: int, row_group_rows: int, max_pixels: int,
+    derived: DerivedDomains | None = None,
 ) -> dict[str, Any]:
     w.digest.update(json.dumps({"schema_version": layout.SCHEMA_VERSION, "classes": classes}).encode())
+    if derived is not None:  # spec, seed and severities are content: other values, other dataset
+        w.digest.update(json.dumps(derived.describe(), sort_keys=True).encode())
     splits = sorted(w.counts)
-    return {
+    meta: dict[str, Any] = {
         "schema_version": layout.SCHEMA_VERSION,
         "digest": w.digest.hexdigest(),
         "classes": classes,
@@ -678,3 +729,6 @@ def _dataset_meta(
             "max_pixels": max_pixels,
         },
     }
+    if derived is not None:
+        meta["derived_domains"] = {**derived.describe(), **domain_counts(w.domain_counts, derived, len(classes))}
+    return meta

@@ -32,7 +32,8 @@ that each live in one shard, so the reader (:mod:`streamssl.data.segments`) turn
 one sequential read of a few row groups instead of a random access per image; this is the trick
 that makes WebDataset-style streaming fast, paid for with less mixing *across* shards (a batch
 comes from one shard at a time; shards written class-by-class, as folder ingests are, make early
-batches of a multi-class segment less mixed, which the trainer's local shuffle buffer evens out).
+batches of a multi-class segment less mixed; each training worker mixes its rows again through a
+seeded local shuffle buffer of ``data.shuffle_buffer`` rows, see ``train/worker.py::_batches``).
 For ``time`` the order is by (timestamp, image_id): the stream replays history as it happened.
 """
 

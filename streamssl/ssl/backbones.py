@@ -4,7 +4,10 @@
 architectures (never their weights) and keep torchvision's module names (``conv1``, ``bn1``,
 ``layer1``...), so a torchvision-format state dict, the usual currency of "start from an existing
 pre-trained model" (HPT), loads onto them key for key; :func:`load_torchvision_state_dict`
-only has to drop ``fc`` and adapt ``conv1`` to the channel count.
+only has to drop ``fc`` and adapt ``conv1`` to the channel count. An ImageNet checkpoint's 7x7
+stem needs the ImageNet stem (``ssl.cifar_stem=false``): loading it into the 3x3 CIFAR stem is an
+error, not a silently random ``conv1`` (cropping or resampling a 7x7 filter to 3x3 would hand
+the next layers different features than they were trained on).
 """
 
 from __future__ import annotations
@@ -96,34 +99,44 @@ def build_backbone(name: str, in_channels: int, *, width: int = 32, cifar_stem: 
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
-def _adapt_conv1(weight: Tensor, target: Tensor) -> Tensor | None:
-    """Fit a pre-trained first-conv kernel to a different input channel count, else None.
+def _stem_name(kernel: tuple[int, ...]) -> str:
+    return {(7, 7): "7x7 ImageNet stem, ssl.cifar_stem=false", (3, 3): "3x3 CIFAR stem, ssl.cifar_stem=true"}.get(
+        kernel, f"{'x'.join(map(str, kernel))} kernel")
+
+
+def _adapt_conv1(weight: Tensor, target: Tensor) -> Tensor:
+    """Fit a pre-trained first-conv kernel to a different input channel count, or raise.
 
     3 -> 1: summing over RGB gives the response the RGB filter had to a gray image (R=G=B),
     the usual trick for grayscale fine-tuning. 1 -> C: split the filter evenly over channels.
-    A different kernel size (7x7 ImageNet stem vs. 3x3 CIFAR stem) cannot be adapted honestly.
+    A different kernel size (7x7 ImageNet stem vs. 3x3 CIFAR stem) cannot be adapted honestly,
+    so the error says which ``ssl.cifar_stem`` the checkpoint needs.
     """
-    if weight.shape[2:] != target.shape[2:] or weight.shape[0] != target.shape[0]:
-        return None
-    cin_src, cin_dst = weight.shape[1], target.shape[1]
+    src, dst = tuple(weight.shape), tuple(target.shape)
+    if src[2:] != dst[2:] or src[0] != dst[0]:
+        raise ValueError(
+            f"conv1.weight: the checkpoint's stem has shape {src} ({_stem_name(src[2:])}) but this backbone's has "
+            f"shape {dst} ({_stem_name(dst[2:])}); set ssl.cifar_stem to match the checkpoint "
+            "(false for torchvision/ImageNet weights)"
+        )
+    cin_src, cin_dst = src[1], dst[1]
     if cin_src == cin_dst:
         return weight
     if cin_dst == 1:
         return weight.sum(dim=1, keepdim=True)
     if cin_src == 1:
         return weight.repeat(1, cin_dst, 1, 1) / cin_dst
-    return None
+    raise ValueError(f"conv1.weight: cannot adapt {cin_src} input channels to {cin_dst} (shapes {src} vs {dst})")
 
 
-def load_torchvision_state_dict(
-    backbone: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = False
-) -> tuple[list[str], list[str]]:
-    """Load a torchvision ResNet state dict (HPT init) into a backbone from :func:`build_backbone`.
+def torchvision_state_for(
+    backbone: nn.Module, state_dict: Mapping[str, Tensor]
+) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """What :func:`load_torchvision_state_dict` would load, without loading it.
 
-    Drops ``fc.*`` and a ``module.`` prefix (DDP checkpoints), adapts ``conv1`` between 1 and 3
-    channels. Returns ``(missing, unexpected)`` like ``load_state_dict``; a key whose shape cannot
-    be adapted is reported in both (missing in the backbone, unused from the source).
-    ``strict=True`` raises if either is non-empty.
+    Returns ``(to_load, missing, unexpected)``: the backbone-named tensors (``conv1`` adapted),
+    the backbone's keys left out, and the source keys left unused. Raises ``ValueError`` if
+    ``conv1`` does not fit (see :func:`_adapt_conv1`).
     """
     own = backbone.state_dict()
     to_load: dict[str, Tensor] = {}
@@ -136,15 +149,30 @@ def load_torchvision_state_dict(
             unexpected.append(key)
             continue
         if value.shape != own[key].shape:
-            adapted = _adapt_conv1(value, own[key]) if key == "conv1.weight" and value.dim() == 4 else None
-            if adapted is None:
+            if key == "conv1.weight" and value.dim() == 4:
+                value = _adapt_conv1(value, own[key])
+            else:
                 log.warning("not loading %s: shape %s does not fit %s", key, tuple(value.shape), tuple(own[key].shape))
                 unexpected.append(key)
                 continue
-            value = adapted
         to_load[key] = value
     missing = sorted(k for k in own if k not in to_load)
+    return to_load, missing, sorted(unexpected)
+
+
+def load_torchvision_state_dict(
+    backbone: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = False
+) -> tuple[list[str], list[str]]:
+    """Load a torchvision ResNet state dict (HPT init) into a backbone from :func:`build_backbone`.
+
+    Drops ``fc.*`` and a ``module.`` prefix (DDP checkpoints), adapts ``conv1`` between 1 and 3
+    channels, and raises ``ValueError`` naming ``ssl.cifar_stem`` when the stems differ (7x7 vs
+    3x3). Returns ``(missing, unexpected)`` like ``load_state_dict``; any other key whose shape does
+    not fit is reported in both (missing in the backbone, unused from the source).
+    ``strict=True`` raises if either is non-empty.
+    """
+    to_load, missing, unexpected = torchvision_state_for(backbone, state_dict)
     if strict and (missing or unexpected):
         raise RuntimeError(f"torchvision state dict does not fit: missing={missing} unexpected={unexpected}")
     backbone.load_state_dict(to_load, strict=False)
-    return missing, sorted(unexpected)
+    return missing, unexpected

@@ -8,12 +8,18 @@ process (tests, CPU debugging) where ``torch.distributed`` is not initialized.
 Workers may hold batches of different sizes (the last batch of a Ray Data shard), so gathers
 exchange sizes first and pad to the largest; a plain ``all_gather`` would hang or fail there.
 
+MoCo's shuffle-BN (:func:`shuffled_apply`) also lives here: it is a pure data-movement trick
+(gather, permute identically on every rank, encode a chunk, gather back, un-permute), and in one
+process it degrades to encoding a shuffled batch in groups.
+
 The differentiable collectives are small ``autograd.Function`` s of our own rather than
 ``torch.distributed.nn.functional``: that module is deprecated in torch 2.14 (a FutureWarning on
 every call) and its gloo backward emulates reduce-scatter with per-rank scatters.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -134,3 +140,46 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / world_size()
+
+
+def shared_randperm(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """A random permutation of ``range(n)`` that is identical on every rank (drawn on rank 0)."""
+    if world_size() == 1:
+        return torch.randperm(n, device=device)
+    perm = torch.randperm(n, device=device) if rank() == 0 else torch.empty(n, dtype=torch.long, device=device)
+    dist.broadcast(perm, src=0)
+    return perm
+
+
+@torch.no_grad()
+def shuffled_apply(
+    fn: Callable[[Tensor], Tensor], x: Tensor, groups: int = 2, sizes: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Shuffle-BN (He et al., 2020, Sec. 3.3): apply ``fn`` so that a row's batch statistics come
+    from a random subset of the batch, not from the batch its query was encoded with.
+
+    With several workers: gather ``x`` from all of them, permute the global batch with a
+    permutation shared by all ranks, let each rank run ``fn`` on its own-sized chunk of the
+    shuffled batch, gather the outputs and undo the permutation. In one process: permute the
+    local batch and run ``fn`` on ``groups`` chunks (each of >= 2 rows, as BatchNorm needs), the
+    stand-in for ``groups`` workers. Returns ``(local, global)`` outputs in the original row order;
+    ``global`` is every worker's rows in rank order (== ``local`` in one process), so callers that
+    need the gathered outputs anyway (MoCo's queue, queue-free negatives) avoid a second gather.
+    """
+    n = x.shape[0]
+    if world_size() == 1:
+        perm = torch.randperm(n, device=x.device)
+        chunks = x[perm].tensor_split(max(1, min(groups, n // 2)))
+        shuffled = torch.cat([fn(c) for c in chunks], dim=0)
+        out = torch.empty_like(shuffled)
+        out[perm] = shuffled
+        return out, out
+    sizes = sizes if sizes is not None else all_gather_sizes(n, x.device)
+    start = sum(sizes[: rank()])
+    x_all = gather_no_grad(x, sizes)
+    perm = shared_randperm(x_all.shape[0], x.device)
+    # Chunk r of the shuffled batch has rank r's batch size, so the outputs gather with ``sizes``.
+    shuffled = gather_no_grad(fn(x_all[perm[start : start + n]]), sizes)
+    out = torch.empty_like(shuffled)
+    out[perm] = shuffled
+    return out[start : start + n], out

@@ -10,8 +10,16 @@ earlier steps' key encoders slowed learning (benchmarks/README.md, "Demo recipe"
 Choices: the loss is symmetric (each view is once query, once key), as in solo-learn's MoCo v2+,
 which trains faster per image; the projector is MoCo v2's Linear-ReLU-Linear, without BatchNorm unless
 ``ssl.moco_projector_bn`` adds one to the hidden layer (as SimCLR and MoCo v3 do).
-Shuffle-BN is not implemented: with Ray Train each worker computes BN statistics over its own
-keys only, and symmetric loss plus the BN-free projector keep the in-batch leak small in practice.
+
+Shuffle-BN (``ssl.shuffle_bn``, on by default), as in the MoCo paper: without it a query and its
+positive key get their BatchNorm statistics from the same images, a signal the encoder can use to
+find the positive without learning features. In training the key encoder therefore never sees the
+batch its queries came from: with several workers each rank encodes a random chunk of the
+gathered global batch (permutation shared by all ranks, then undone); with one worker the local
+batch is shuffled and encoded in ``ssl.shuffle_bn_groups`` groups, the stand-in for that many
+workers (see :func:`streamssl.ssl.distributed.shuffled_apply`). Queries keep plain per-worker BN.
+The key encoder's BN running statistics are then updated once per group; they are never used
+for evaluation (the online backbone is what gets evaluated and exported).
 """
 
 from __future__ import annotations
@@ -41,10 +49,14 @@ class MoCoV2(SSLMethod):
         queue_size: int = 4096,
         momentum: float = 0.99,
         projector_bn: bool = False,
+        shuffle_bn: bool = True,
+        shuffle_bn_groups: int = 2,
     ) -> None:
         super().__init__(backbone)
         self.temperature = temperature
         self.momentum = momentum
+        self.shuffle_bn = shuffle_bn
+        self.shuffle_bn_groups = shuffle_bn_groups
         self.projector = MLPHead(self.feature_dim, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=projector_bn)
         self.key_backbone = make_target(self.backbone)
         self.key_projector = make_target(self.projector)
@@ -58,7 +70,8 @@ class MoCoV2(SSLMethod):
     @classmethod
     def from_config(cls, backbone: nn.Module, cfg: SSLConfig) -> "MoCoV2":
         return cls(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.temperature, cfg.queue_size, cfg.momentum,
-                   projector_bn=cfg.moco_projector_bn)
+                   projector_bn=cfg.moco_projector_bn, shuffle_bn=cfg.shuffle_bn,
+                   shuffle_bn_groups=cfg.shuffle_bn_groups)
 
     def _query(self, x: Tensor) -> Tensor:
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
@@ -68,15 +81,26 @@ class MoCoV2(SSLMethod):
             h = self.target_forward(self.key_backbone, x)
             return F.normalize(self.key_projector(h).float(), dim=1)
 
+    def _keys(self, x: Tensor, sizes: list[int] | None) -> tuple[Tensor, Tensor | None]:
+        """Keys of the local rows, and of the global batch when shuffle-BN already gathered them.
+
+        Shuffle-BN only in training: in eval mode BN uses running statistics, nothing leaks.
+        """
+        if self.shuffle_bn and self.training:
+            return D.shuffled_apply(self._key, x, self.shuffle_bn_groups, sizes)
+        return self._key(x), None
+
     def forward(self, view1: Tensor, view2: Tensor) -> dict[str, Tensor]:
         q1, q2 = self._query(view1), self._query(view2)
-        k1, k2 = self._key(view1), self._key(view2)
         queue = self.queue  # the losses normalize it into new tensors, so enqueueing later is safe
-        if queue.shape[0] == 0:
+        # Every collective below runs on all ranks or none: an eval forward with a queue has none.
+        sizes = D.all_gather_sizes(view1.shape[0], view1.device) if self.training or queue.shape[0] == 0 else None
+        (k1, k1_all), (k2, k2_all) = self._keys(view1, sizes), self._keys(view2, sizes)
+        if sizes is not None and queue.shape[0] == 0:
             # No queue: the negatives are the other keys of the whole global batch.
-            sizes = D.all_gather_sizes(k1.shape[0], k1.device)
             offset = sum(sizes[: D.rank()])
-            k1_all, k2_all = D.gather_no_grad(k1, sizes), D.gather_no_grad(k2, sizes)
+            k1_all = k1_all if k1_all is not None else D.gather_no_grad(k1, sizes)
+            k2_all = k2_all if k2_all is not None else D.gather_no_grad(k2, sizes)
             loss = 0.5 * (info_nce(q1, k2, None, self.temperature, k_all=k2_all, offset=offset)
                           + info_nce(q2, k1, None, self.temperature, k_all=k1_all, offset=offset))
         else:
@@ -86,7 +110,7 @@ class MoCoV2(SSLMethod):
             out["neg_sim"] = (q1.detach() @ queue.T).mean()  # before the enqueue overwrites it
             if self.training:
                 # One key per image (view 2's) keeps "queue_size" = that many past images.
-                self.enqueue(D.gather_no_grad(k2))
+                self.enqueue(k2_all if k2_all is not None else D.gather_no_grad(k2, sizes))
         return out
 
     @torch.no_grad()

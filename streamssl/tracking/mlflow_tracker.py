@@ -605,8 +605,8 @@ class MlflowTracker(StreamCallback):
                 params[f"plan.{k}"] = _short(v if isinstance(v, str) else json.dumps(v, default=str), MAX_PARAM_VAL_LENGTH)
         _log_batch(client, run_id, params=params)
         # Logged at the start so that a segment that dies still says what it was training on.
-        trained = f"0-{t}" if cfg.strategy == "joint" else str(t)
-        if cfg.replay.size and cfg.strategy != "joint":
+        trained = f"0-{t}" if cfg.strategy in ("joint", "cumulative") else str(t)
+        if cfg.replay.size and cfg.strategy not in ("joint", "cumulative"):
             trained += " + replay"
         _log_inputs(client, run_id, self._inputs, {"segment": str(t), "trained_segments": trained})
 
@@ -754,8 +754,9 @@ def _segment_meta(plan_meta: Mapping[str, Any], t: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- sweeps
 
 
-def start_sweep_run(cfg: Config, sweep_dir: str, tracking_uri: str) -> str:
-    """The sweep's parent run (above every trial's stream run); resumed sweeps reuse it."""
+def start_sweep_run(cfg: Config, sweep_dir: str, tracking_uri: str, *, kind: str = "sweep",
+                    name: str | None = None) -> str:
+    """The parent run above every trial's stream run (a sweep's or a study's); resumes reuse it."""
     client = MlflowClient(tracking_uri=tracking_uri)
     exp_id = ensure_experiment(client, cfg.tracking.experiment, tracking_uri)
     rf = _RunFile(sweep_dir)
@@ -764,14 +765,16 @@ def start_sweep_run(cfg: Config, sweep_dir: str, tracking_uri: str) -> str:
         run_id = old["parent_run_id"]
         rf.data = old
     else:
-        run_id = client.create_run(exp_id, run_name=f"sweep-{cfg.name}", tags={"streamssl.kind": "sweep"}).info.run_id
+        run_id = client.create_run(exp_id, run_name=f"{kind}-{name or cfg.name}",
+                                   tags={"streamssl.kind": kind}).info.run_id
         rf.data = {"schema_version": 1, "tracking_uri": tracking_uri, "experiment_id": exp_id,
-                   "parent_run_id": run_id, "kind": "sweep"}
+                   "parent_run_id": run_id, "kind": kind}
     rf.data["status"] = "RUNNING"
     rf.save()
     sha, dirty = git_sha()
-    tags: dict[str, Any] = {"streamssl.kind": "sweep", "config_digest": cfg.digest(), "sweep_dir": sweep_dir,
-                            "tune.metric": cfg.tune.metric, "tune.mode": cfg.tune.mode}
+    tags: dict[str, Any] = {"streamssl.kind": kind, "config_digest": cfg.digest(), f"{kind}_dir": sweep_dir}
+    if kind == "sweep":
+        tags.update({"tune.metric": cfg.tune.metric, "tune.mode": cfg.tune.mode})
     if sha:
         tags.update({"git_sha": sha, MLFLOW_GIT_COMMIT: sha, "git_dirty": str(dirty).lower()})
     _log_new_params(client, run_id, flatten_params(cfg.to_dict()))
@@ -797,3 +800,20 @@ def finish_sweep_run(tracking_uri: str, sweep_run_id: str, summary: Mapping[str,
         if rf.data.get("parent_run_id") == sweep_run_id:
             rf.data["status"] = "FINISHED"
             rf.save()
+
+
+def finish_study_run(tracking_uri: str, study_run_id: str, study_dir: str | Path, status: str = "FINISHED") -> None:
+    """The study's table, summary and figures as artifacts of the study run, which then ends."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    d = Path(study_dir)
+    for name in ("study.md", "study.csv", "study_summary.json", "cells.json"):
+        if (d / name).is_file():
+            client.log_artifact(study_run_id, str(d / name))
+    for png in sorted(d.glob("*.png")):
+        client.log_artifact(study_run_id, str(png), "plots")
+    client.set_terminated(study_run_id, status=status)
+    rf = _RunFile(d)
+    rf.data = rf.load() or {}
+    if rf.data.get("parent_run_id") == study_run_id:
+        rf.data["status"] = status
+        rf.save()

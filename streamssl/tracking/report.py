@@ -257,8 +257,8 @@ class RunResults:
     def strategy_label(self) -> str:
         """Short description of the continual strategy from the config (``replay(2000)+mas(λ=1)``)."""
         c = self.config or {}
-        if c.get("strategy") == "joint":
-            return "joint"
+        if c.get("strategy") in ("joint", "cumulative"):
+            return str(c["strategy"])
         parts = []
         replay = (c.get("replay") or {}).get("size") or 0
         if replay:

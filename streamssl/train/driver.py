@@ -1,9 +1,10 @@
 """The stream driver: one Ray Train run per segment, each starting from the last checkpoint.
 
 The driver owns everything that is bookkeeping rather than math: the run directory, the stream
-plan, which rows each segment trains on (its own, replay rows, or all segments so far for the
-joint baseline), the replay buffer, publishing checkpoints, evaluation, and the ``state.json``
-that makes a killed run resumable from its last completed segment.
+plan, which rows each segment trains on and which weights it starts from
+(:func:`segment_training_plan`), how each per-worker batch splits into own and replay rows
+(:func:`batch_plan`), the replay buffer, publishing checkpoints, evaluation, and the
+``state.json`` that makes a killed run resumable from its last completed segment.
 
 Run directory::
 
@@ -25,6 +26,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,11 @@ def write_state(run_dir: Path, state: dict[str, Any]) -> None:
 
 
 def ensure_dataset(cfg: Config) -> dict[str, Any]:
-    """Ingest the configured source if the dataset directory does not exist yet."""
+    """Ingest the configured source if the dataset directory does not exist yet.
+
+    An existing dataset must match ``data.derive_domains``: a run that asks for derived domains
+    must not silently train on a dataset derived differently (or not at all).
+    """
     from streamssl.data import layout
     from streamssl.data.ingest import ingest
 
@@ -72,8 +78,16 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
     meta_path = layout.join(path, layout.DATASET_FILE)
     if not layout.exists(fs, meta_path):
         print(f"ingesting {cfg.data.source} into {cfg.data.dataset_dir} ...", flush=True)
-        ingest(cfg.data.source, cfg.data.dataset_dir, src=cfg.data.src, progress=True)
-    return layout.read_json(fs, meta_path)
+        ingest(cfg.data.source, cfg.data.dataset_dir, src=cfg.data.src, progress=True,
+               derive_domains=cfg.data.derive_domains)
+    meta = layout.read_json(fs, meta_path)
+    if cfg.data.derive_domains:
+        have = (meta.get("derived_domains") or {}).get("spec")
+        want = ",".join(t.strip() for t in cfg.data.derive_domains.split(",") if t.strip())
+        if have != want:
+            raise ValueError(f"data.derive_domains={cfg.data.derive_domains!r} but {cfg.data.dataset_dir} was "
+                             f"ingested with {have!r}: use another data.dataset_dir or re-ingest")
+    return meta
 
 
 def ensure_plan(cfg: Config, run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
@@ -96,6 +110,75 @@ def segment_rows(plan: pa.Table, segments: Sequence[int], cap: int | None) -> pa
         rows = plan.filter(pc.equal(plan["segment"], s)).sort_by("position")
         parts.append(rows.slice(0, cap) if cap else rows)
     return pa.concat_tables(parts)
+
+
+# --------------------------------------------------------------------------- per-segment plan
+
+
+def segment_training_plan(cfg: Config, t: int, completed: Sequence[dict[str, Any]]) -> tuple[list[int], str | None]:
+    """Which segments segment ``t`` trains on and which checkpoint it starts from (None = fresh).
+
+    * ``naive`` (with or without replay / regularizers): segment t only, from t-1's checkpoint.
+    * ``joint``: segments 0..t from a *fresh* model, initialized exactly like segment 0 of a
+      sequential run with the same seed (random init, or ``init.checkpoint`` when set): the
+      retrain-on-everything upper reference whose cost grows with t.
+    * ``cumulative``: segments 0..t, continuing from t-1's checkpoint.
+
+    ``completed`` are the state entries of segments 0..t-1 (``checkpoint`` = its directory).
+    """
+    if len(completed) != t:
+        raise ValueError(f"segment {t} needs the {t} earlier segments completed, got {len(completed)}")
+    prev = str(completed[-1]["checkpoint"]) if completed else None
+    if cfg.strategy == "joint":
+        return list(range(t + 1)), None
+    if cfg.strategy == "cumulative":
+        return list(range(t + 1)), prev
+    return [t], prev
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one segment's per-worker micro-batches are made, and how many optimizer steps it runs."""
+
+    own_per_batch: int  # rows of the segment (or of segments 0..t) per worker micro-batch
+    replay_per_batch: int  # replay-buffer rows per worker micro-batch
+    total_steps: int  # optimizer steps, the same on every worker
+    replay_rows_needed: int  # replay rows the driver samples for the whole segment (all workers)
+
+
+def batch_plan(cfg: Config, train_rows: int, with_replay: bool) -> BatchPlan:
+    """Batch sizes and step budget for a segment of ``train_rows`` rows.
+
+    The step count never depends on replay: it is what naive training runs on these rows with
+    the full ``optim.batch_size`` (or ``optim.steps_per_segment``). ``replay.mode`` then decides
+    where replay rows go:
+
+    * ``append``: ``batch_size`` own rows plus ``round(batch_size * r / (1 - r))`` replay rows, so
+      replay is a fraction ``r`` of a larger batch and adds compute (128 -> 128 + 128 at r=0.5).
+    * ``replace``: ``round(batch_size * r)`` of the ``batch_size`` rows come from the buffer and the
+      rest from the segment, so replay costs exactly naive's compute; with the same step count each
+      own row is then seen ``(1 - r) * epochs_per_segment`` times on average instead of
+      ``epochs_per_segment``.
+    """
+    workers, batch, accum = cfg.scaling.num_workers, cfg.optim.batch_size, cfg.optim.grad_accum_steps
+    if cfg.optim.steps_per_segment:
+        total_steps = cfg.optim.steps_per_segment
+    else:
+        per_epoch = train_rows // (workers * batch * accum)
+        if per_epoch == 0:
+            raise ValueError(f"a segment of {train_rows} rows is fewer than one step "
+                             f"({workers} workers x batch {batch}); lower optim.batch_size")
+        total_steps = max(1, math.ceil(per_epoch * cfg.optim.epochs_per_segment))
+    own, replay = batch, 0
+    if with_replay:
+        r = cfg.replay.ratio
+        if cfg.replay.mode == "append":
+            replay = max(1, round(batch * r / (1 - r)))
+        elif r > 0:
+            replay = min(batch - 1, max(1, round(batch * r)))
+            own = batch - replay
+    return BatchPlan(own_per_batch=own, replay_per_batch=replay, total_steps=total_steps,
+                     replay_rows_needed=total_steps * accum * workers * replay)
 
 
 # --------------------------------------------------------------------------- the stream
@@ -173,42 +256,37 @@ class StreamRunner:
         from streamssl.data.segments import read_rows, read_segments
 
         cfg, run_dir = self.cfg, self.run_dir
+        t_segment = time.perf_counter()
         self._emit("on_segment_start", ctx, t)
-        joint = cfg.strategy == "joint"
+        train_segments, prev = segment_training_plan(cfg, t, state["completed"])
+        multi = len(train_segments) > 1  # joint / cumulative: segments 0..t
         own_rows = segment_rows(plan, [t], cfg.stream.max_images_per_segment)
-        train_rows = segment_rows(plan, range(t + 1), cfg.stream.max_images_per_segment) if joint else own_rows
-        workers, batch = cfg.scaling.num_workers, cfg.optim.batch_size
-        if cfg.optim.steps_per_segment:
-            total_steps = cfg.optim.steps_per_segment
-        else:
-            per_epoch = train_rows.num_rows // (workers * batch * cfg.optim.grad_accum_steps)
-            if per_epoch == 0:
-                raise ValueError(f"segment {t} has {train_rows.num_rows} rows, fewer than one step "
-                                 f"({workers} workers x batch {batch}); lower optim.batch_size")
-            total_steps = max(1, math.ceil(per_epoch * cfg.optim.epochs_per_segment))
+        train_rows = segment_rows(plan, train_segments, cfg.stream.max_images_per_segment) if multi else own_rows
+        extra = strategy.extra_datasets(t)
+        with_replay = "replay" in extra and extra["replay"].num_rows > 0
+        try:
+            bp = batch_plan(cfg, train_rows.num_rows, with_replay)
+        except ValueError as e:
+            raise ValueError(f"segment {t}: {e}") from None
+        total_steps = bp.total_steps
 
         size, channels = cfg.data.image_size, cfg.data.channels
         ids = pa.table({"image_id": train_rows["image_id"]})
-        if joint:
+        if multi:
             datasets = {"train": read_segments(cfg.data.dataset_dir, plan.filter(pc.is_in(plan["image_id"], ids["image_id"])),
-                                               list(range(t + 1)), image_size=size, channels=channels,
+                                               train_segments, image_size=size, channels=channels,
                                                shuffle_seed=cfg.seed * 7919 + t)}
         elif cfg.stream.max_images_per_segment:
             datasets = {"train": read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels)}
         else:
             datasets = {"train": read_segments(cfg.data.dataset_dir, plan, t, image_size=size, channels=channels)}
 
-        replay_per_batch, replay_rows_n = 0, 0
-        extra = strategy.extra_datasets(t)
-        if "replay" in extra and extra["replay"].num_rows > 0:
-            r = cfg.replay.ratio
-            replay_per_batch = max(1, round(batch * r / (1 - r)))
-            needed = total_steps * cfg.optim.grad_accum_steps * workers * replay_per_batch
-            rows = strategy.sample_replay(needed, seed=cfg.seed * 31 + t)
+        replay_rows_n = 0
+        if bp.replay_per_batch > 0:
+            rows = strategy.sample_replay(bp.replay_rows_needed, seed=cfg.seed * 31 + t)
             replay_rows_n = rows.num_rows
             datasets["replay"] = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=channels)
 
-        prev = state["completed"][-1]["checkpoint"] if state["completed"] else None
         # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its latest
         # in-segment checkpoint; a fresh attempt gets a fresh name (see STACK.md).
         ip = state.get("in_progress")
@@ -220,7 +298,8 @@ class StreamRunner:
         if "mlflow_run_id" in ctx.extras and "mlflow_tracking_uri" in ctx.extras:
             mlflow_spec = {"run_id": ctx.extras["mlflow_run_id"], "tracking_uri": ctx.extras["mlflow_tracking_uri"]}
         loop_cfg = {"config": cfg.to_dict(), "segment": t, "total_steps": total_steps,
-                    "replay_per_batch": replay_per_batch, "init_checkpoint": prev, "mlflow": mlflow_spec}
+                    "own_per_batch": bp.own_per_batch, "replay_per_batch": bp.replay_per_batch,
+                    "init_checkpoint": prev, "mlflow": mlflow_spec}
         scaling = ray_scaling_config(cfg)
         trainer = TorchTrainer(
             train_loop_per_worker=_train_loop_entry,
@@ -237,7 +316,7 @@ class StreamRunner:
         )
         print(f"segment {t + 1}/{ctx.num_segments}: {own_rows.num_rows} images"
               f"{f' (+{replay_rows_n} replay rows)' if replay_rows_n else ''}"
-              f"{f' (joint: {train_rows.num_rows} rows)' if joint else ''}, {total_steps} steps", flush=True)
+              f"{f' ({cfg.strategy}: {train_rows.num_rows} rows)' if multi else ''}, {total_steps} steps", flush=True)
         t0 = time.perf_counter()
         result = trainer.fit()
         fit_s = time.perf_counter() - t0
@@ -274,6 +353,8 @@ class StreamRunner:
             metrics.update(eval_metrics)
             metrics["time/eval_s"] = time.perf_counter() - t_eval
             result_obj.accuracy_row = acc_row
+        # Everything this segment cost on the driver's clock: data set-up, fit, publish, evaluation.
+        metrics["time/segment_wall_s"] = time.perf_counter() - t_segment
         print(f"segment {t + 1}/{ctx.num_segments} done in {fit_s:.0f}s: "
               + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/loss", "eval/knn_acc", "eval/linear_acc"))
                           and "seg" not in k), flush=True)

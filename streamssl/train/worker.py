@@ -7,10 +7,12 @@ Runs inside ``TorchTrainer`` for one segment. Ray Train has already created the 
 2. load the starting weights: an in-segment checkpoint (Ray restarted us after a failure), else
    the previous segment's checkpoint, else the HPT initialization, else random init;
 3. ``deepspeed.initialize`` with our own optimizer and per-segment LR schedule;
-4. stream batches from ``get_dataset_shard("train")`` (+ ``"replay"`` rows mixed into every
-   batch), make two augmented views on the worker, loss = SSL loss + strategy penalty, step;
-5. at the end, let regularizers compute importance on this segment's data, then publish the
-   segment checkpoint through ``ray.train.report``.
+4. stream batches from ``get_dataset_shard("train")`` through a seeded local shuffle buffer
+   (``data.shuffle_buffer``), + ``"replay"`` rows mixed into every batch (sizes from the driver's
+   ``batch_plan``), make two augmented views on the worker with this rank's own generator,
+   loss = SSL loss + strategy penalty, step;
+5. at the end, let regularizers compute importance on this segment's own rows (no replay), then
+   publish the segment checkpoint (and compute counts) through ``ray.train.report``.
 
 Every rank runs the same number of optimizer steps (collectives in DeepSpeed, MoCo and SimCLR
 need it), so the step budget is computed by the driver and data is cycled if a shard runs dry.
@@ -34,6 +36,7 @@ from torch import nn
 from streamssl.config import Config
 from streamssl.train import checkpoint as ck
 from streamssl.train.deepspeed_config import deepspeed_config
+from streamssl.train.initialization import apply_bn_only, load_hpt_init, load_initial_weights  # noqa: F401
 from streamssl.train.schedule import lr_factor
 
 
@@ -44,63 +47,6 @@ def build_model(cfg: Config) -> nn.Module:
     from streamssl.ssl import build_method
 
     return build_method(cfg.ssl, in_channels=cfg.data.channels)
-
-
-def load_initial_weights(model: nn.Module, cfg: Config, init_checkpoint: str | None) -> str:
-    """Load the weights a segment starts from; returns a short description of the source.
-
-    ``init_checkpoint`` is the previous segment's checkpoint (sequential training) or None for
-    segment 0, where the HPT initialization (``cfg.init.checkpoint``) applies if configured.
-    """
-    if init_checkpoint:
-        model.load_state_dict(ck.load_tensors(Path(init_checkpoint) / ck.MODEL_FILE))
-        return f"segment checkpoint {init_checkpoint}"
-    if cfg.init.checkpoint:
-        return load_hpt_init(model, cfg.init.checkpoint)
-    return "random init"
-
-
-def load_hpt_init(model: nn.Module, path: str) -> str:
-    """Hierarchical pre-training: start from an earlier streamssl model or a torchvision state dict."""
-    from streamssl.ssl.backbones import load_torchvision_state_dict
-
-    p = Path(path)
-    if p.is_dir():
-        ckpt = ck.resolve_checkpoint(p)
-        state = ck.load_tensors(ckpt / ck.MODEL_FILE)
-        own = model.state_dict()
-        compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        if not any(k.startswith("backbone.") for k in compatible):
-            raise ValueError(f"init.checkpoint {path}: no backbone weights match this model's backbone")
-        model.load_state_dict(compatible, strict=False)
-        # Momentum/target encoders start as copies of the online one in every method.
-        if hasattr(model, "reset_target_networks"):
-            model.reset_target_networks()
-        return f"HPT from streamssl checkpoint {ckpt} ({len(compatible)}/{len(own)} tensors)"
-    if p.is_file():
-        state = ck.load_tensors(p)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        missing, unexpected = load_torchvision_state_dict(model.backbone, state, strict=False)
-        if hasattr(model, "reset_target_networks"):
-            model.reset_target_networks()
-        loaded = len(model.backbone.state_dict()) - len(missing)
-        if loaded == 0:
-            raise ValueError(f"init.checkpoint {path}: no tensor matched the backbone (unexpected: {unexpected[:5]})")
-        return f"HPT from torchvision state dict {p} ({loaded} tensors, {len(missing)} missing)"
-    raise FileNotFoundError(f"init.checkpoint {path} does not exist")
-
-
-def apply_bn_only(model: nn.Module) -> int:
-    """HPT's cheap adaptation: freeze every backbone weight except BatchNorm affine parameters.
-
-    Heads stay trainable (they are new to this task). Returns the number of trainable tensors.
-    """
-    for module in model.backbone.modules():
-        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
-        for p in module.parameters(recurse=False):
-            p.requires_grad_(is_bn)
-    return sum(1 for p in model.parameters() if p.requires_grad)
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
@@ -115,12 +61,80 @@ def build_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Opti
 # --------------------------------------------------------------------------- data
 
 
-def _batches(shard: Any, batch_size: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless stream of full batches from a Ray dataset shard (a new epoch when one runs dry)."""
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (negative ones allowed), stable across runs and hosts."""
+    words = [int(p) % (1 << 64) for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+# Tags keep the seed families apart: the same (seed, segment, rank) never feeds two streams.
+_SHUFFLE_TAG, _AUGMENT_TAG = 0x5348, 0x4147
+
+
+def shuffle_seed(seed: int, segment: int, rank: int) -> int:
+    """Seed of a worker's in-segment shuffle buffer (see :func:`_batches`)."""
+    return derive_seed(_SHUFFLE_TAG, seed, segment, rank)
+
+
+def augment_seed(seed: int, segment: int, rank: int, start_step: int) -> int:
+    """Seed of a worker's augmentation stream.
+
+    Each rank draws its own crops/flips/jitter (one shared seed would give row i of every
+    worker the same transform); ``start_step`` > 0 (restored after a failure) starts a new
+    stream instead of replaying the augmentations of steps already trained on.
+    """
+    return derive_seed(_AUGMENT_TAG, seed, segment, rank, start_step)
+
+
+def augment_generator(seed: int, segment: int, rank: int, start_step: int,
+                      device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` (the augmentation's device) seeded by :func:`augment_seed`."""
+    g = torch.Generator(device=device)
+    g.manual_seed(augment_seed(seed, segment, rank, start_step))
+    return g
+
+
+def model_init_seed(cfg: Config) -> int:
+    """Torch seed for building the model: depends on ``cfg.seed`` only.
+
+    So every rank builds the same weights, and a joint run's fresh model at any segment starts
+    from exactly the weights segment 0 of a sequential run with the same seed starts from.
+    """
+    return cfg.seed * 1_000_003
+
+
+def _batches(shard: Any, batch_size: int, skip: int = 0, *, shuffle_buffer: int = 0,
+             seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless stream of full batches from a Ray dataset shard (a new epoch when one runs dry).
+
+    ``shuffle_buffer`` > 0 passes Ray Data's ``local_shuffle_buffer_size`` (with
+    ``local_shuffle_seed`` derived from ``seed`` and the epoch): rows of this worker's shard are
+    drawn at random from an in-memory buffer instead of in plan order, so a class- or
+    shard-grouped plan does not give batches of one or two classes. Order semantics:
+
+    * *Per worker.* Each worker shuffles only its own shard; rows never move between workers,
+      and segments never mix (each segment is its own dataset).
+    * *Bounded displacement.* Ray 2.60's shuffling batcher draws batches from a random
+      permutation of what it holds: at least ``shuffle_buffer`` rows (1.5x before the first
+      batch) plus the block (read task, <= ``rows_per_task`` rows) just added. A row can come
+      out at most about ``2.5 * shuffle_buffer + batch_size + rows_per_task`` rows before its
+      place in the worker's plan subsequence; rows not drawn are carried into the next
+      permutation, so lateness has a geometric tail (each permutation draws a row with
+      probability about 1/2 or more) rather than a hard bound.
+    * *Deterministic.* Given the seed, the order is a function of the block sequence, which Ray
+      Train's ordered split makes identical on every run (data/segments.py); so the same seed
+      gives the same batches, and restoring mid-segment by skipping ``skip`` batches lands on
+      the batch the interrupted run would have trained on next.
+    * ``drop_last``: the final partial batch of an epoch is dropped, as without a buffer.
+    """
+    epoch = 0
     while True:
         produced = 0
+        kwargs: dict[str, Any] = {}
+        if shuffle_buffer > 0:
+            kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": derive_seed(seed, epoch)}
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        prefetch_batches=2):
+                                        prefetch_batches=2, **kwargs):
             produced += 1
             if skip > 0:
                 skip -= 1
@@ -129,6 +143,7 @@ def _batches(shard: Any, batch_size: int, skip: int = 0) -> Iterator[dict[str, n
         if produced == 0:
             raise RuntimeError(f"dataset shard yields no full batch of {batch_size} rows; "
                                "lower optim.batch_size or use fewer workers")
+        epoch += 1
 
 
 def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -148,6 +163,52 @@ def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generat
     return images, int(bad.size)
 
 
+class BatchSource:
+    """One worker's uint8 image batches: the segment's own rows, with replay rows for training.
+
+    Training steps take :meth:`mixed` (own rows + the replay rows of the same micro-step); the
+    importance pass of MAS/EWC takes :meth:`own`, so importance is estimated on this segment's
+    data only and never on replayed rows of earlier segments. Undecodable rows are repaired
+    (:func:`repair_invalid`) and counted in ``skipped``.
+    """
+
+    def __init__(self, train: Iterator[dict[str, np.ndarray]], replay: Iterator[dict[str, np.ndarray]] | None,
+                 rng: np.random.Generator) -> None:
+        self.train, self.replay, self.rng = train, replay, rng
+        self.skipped = 0
+
+    def _take(self, it: Iterator[dict[str, np.ndarray]]) -> np.ndarray:
+        batch = next(it)
+        imgs, n_bad = repair_invalid(batch["image"], batch["valid"].astype(bool), self.rng)
+        self.skipped += n_bad
+        return imgs
+
+    def own(self) -> np.ndarray:
+        return self._writeable(self._take(self.train))
+
+    def mixed(self) -> np.ndarray:
+        imgs = self._take(self.train)
+        if self.replay is not None:
+            imgs = np.concatenate([imgs, self._take(self.replay)])
+        return self._writeable(imgs)
+
+    @staticmethod
+    def _writeable(imgs: np.ndarray) -> np.ndarray:
+        return imgs if imgs.flags.writeable else imgs.copy()  # Ray hands out read-only zero-copy arrays
+
+
+def importance_images(source: BatchSource, num_batches: int, counter: list[int]) -> Iterator[np.ndarray]:
+    """Up to ``num_batches`` batches of the segment's own rows for the importance pass.
+
+    ``counter[0]`` is increased by the rows handed out, i.e. the rows the pass actually consumed
+    (a regularizer may stop early); lazy, so nothing is read that is not used.
+    """
+    for _ in range(num_batches):
+        imgs = source.own()
+        counter[0] += imgs.shape[0]
+        yield imgs
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -161,6 +222,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_cfg["config"])
     segment: int = loop_cfg["segment"]
     total_steps: int = loop_cfg["total_steps"]
+    # Per-worker micro-batch = own rows + replay rows, sized by the driver (driver.batch_plan).
+    own_per_batch: int = loop_cfg.get("own_per_batch", cfg.optim.batch_size)
     replay_per_batch: int = loop_cfg.get("replay_per_batch", 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -169,20 +232,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed = cfg.seed * 1_000_003 + segment * 101 + rank
-    torch.manual_seed(cfg.seed * 1_000_003 + segment)  # same init on every rank (random-init case)
+    torch.manual_seed(model_init_seed(cfg))  # same init on every rank and for every segment
     rng = np.random.default_rng(seed)
 
     model = build_model(cfg)
-    source = load_initial_weights(model, cfg, loop_cfg.get("init_checkpoint"))
+    source, pretrained = load_initial_weights(model, cfg, loop_cfg.get("init_checkpoint"))
     init_digest = ck.state_digest(model.state_dict())
     if cfg.init.bn_only:
-        apply_bn_only(model)
+        apply_bn_only(model, pretrained)
     strategy = build_strategy(cfg)
     init_ckpt = loop_cfg.get("init_checkpoint")
     if init_ckpt and (Path(init_ckpt) / ck.STRATEGY_FILE).is_file():
         strategy.load_worker_state(ck.load_tensors(Path(init_ckpt) / ck.STRATEGY_FILE))
 
-    micro_batch = cfg.optim.batch_size + replay_per_batch
+    micro_batch = own_per_batch + replay_per_batch
     params = [p for p in model.trainable_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -212,27 +275,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
               f"world {world}, micro-batch {micro_batch} ({replay_per_batch} replay)", flush=True)
 
     augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels).to(device)
+    aug_gen = augment_generator(cfg.seed, segment, rank, start_step, device)
     accum = cfg.optim.grad_accum_steps
-    train_it = _batches(ray.train.get_dataset_shard("train"), cfg.optim.batch_size, skip=start_step * accum)
+    train_it = _batches(ray.train.get_dataset_shard("train"), own_per_batch, skip=start_step * accum,
+                        shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, rank))
     replay_it = (_batches(ray.train.get_dataset_shard("replay"), replay_per_batch, skip=start_step * accum)
                  if replay_per_batch else None)
+    data = BatchSource(train_it, replay_it, rng)
+    data.skipped = skipped
 
-    def next_images() -> torch.Tensor:
-        nonlocal skipped
-        batch = next(train_it)
-        imgs, n_bad = repair_invalid(batch["image"], batch["valid"].astype(bool), rng)
-        skipped += n_bad
-        if replay_it is not None:
-            rb = next(replay_it)
-            rimgs, r_bad = repair_invalid(rb["image"], rb["valid"].astype(bool), rng)
-            skipped += r_bad
-            imgs = np.concatenate([imgs, rimgs])
-        if not imgs.flags.writeable:  # Ray hands out read-only zero-copy arrays
-            imgs = imgs.copy()
+    def to_device(imgs: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(imgs).to(device, non_blocking=True)
 
     def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment(x).to(dtype), augment(x).to(dtype)
+        return augment(x, generator=aug_gen).to(dtype), augment(x, generator=aug_gen).to(dtype)
 
     steps_log: list[dict[str, Any]] = []
     mlflow_logger = _StepLogger(loop_cfg.get("mlflow"), rank)
@@ -244,7 +300,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         out: dict[str, torch.Tensor] = {}
         for _ in range(accum):
-            x = next_images()
+            x = to_device(data.mixed())
             v1, v2 = views(x)
             out = engine(v1, v2)
             penalty = strategy.penalty(module)
@@ -263,18 +319,20 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             steps_log.append(rec)
             mlflow_logger.log(rec)
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < total_steps:
-            _report_checkpoint(engine, module, strategy, rank, step + 1, images_seen, skipped, steps_log,
+            _report_checkpoint(engine, module, strategy, rank, step + 1, images_seen, data.skipped, steps_log,
                                final=False, extra={"segment": segment})
     train_time = time.perf_counter() - t_start
 
-    # Regularizers estimate parameter importance on this segment's data before it is gone.
+    # Regularizers estimate parameter importance on this segment's own rows (no replay rows)
+    # before the segment is gone.
+    imp_rows = [0]
     if strategy.worker_plugins:
         t_imp = time.perf_counter()
         imp_batches = cfg.regularization.importance_batches
 
         def imp_views() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for _ in range(imp_batches):
-                yield views(next_images())
+            for imgs in importance_images(data, imp_batches, imp_rows):
+                yield views(to_device(imgs))
 
         def loss_fn(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
             return module(v1, v2)["loss"]
@@ -289,12 +347,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         "train/images_seen": images_seen,
         "train/steps": total_steps,
         "train/images_per_s": step_images / max(train_time, 1e-9),
-        "train/skipped_images": skipped,
+        "train/skipped_images": data.skipped,
         "time/train_loop_s": train_time,
         "time/importance_s": importance_time,
+        # Rows through forward+backward, all workers: training steps (replay rows included; a
+        # step redone after a worker restart counts once) and the MAS/EWC importance pass.
+        "compute/train_images": images_seen,
+        "compute/importance_images": imp_rows[0] * world,
     }
     mlflow_logger.close()
-    _report_checkpoint(engine, module, strategy, rank, total_steps, images_seen, skipped, steps_log,
+    _report_checkpoint(engine, module, strategy, rank, total_steps, images_seen, data.skipped, steps_log,
                        final=True, extra={"segment": segment, "metrics": metrics, "init_source": source,
                                           "init_digest": init_digest,
                                           "final_digest": ck.state_digest(module.state_dict())},

@@ -1,0 +1,220 @@
+"""``streamssl study``: the study grid as one Ray Tune experiment, then its table and figures.
+
+One Tune trial = one cell = one complete stream run (the same :class:`StreamRunner` as
+``streamssl train``), or, for a random-init cell, one evaluation of the untrained encoder. The
+machinery is the sweep's (:mod:`streamssl.tune.sweep`): a function trainable that reports after
+every segment, MLflow nesting study run -> stream run per cell -> segment runs in one tracking
+store, and Tune's experiment restore for ``--resume``. What differs from a sweep: the grid is
+the cells (not a search space), there is no scheduler (every cell runs to the end: a study
+compares, it does not search), and each cell's run directory is named after the cell
+(``trials/<protocol>--<strategy>--s<seed>``), so the table can be rebuilt from the files alone.
+
+Resume: Tune keeps finished trials and runs the rest; a trial whose stream had already finished
+(``results.json`` present) only reports it again, and an interrupted stream continues from its
+last completed segment. No finished segment or cell is ever trained twice.
+
+Outputs in ``--out DIR``: ``study.csv``, ``study.md``, the figures of
+:mod:`streamssl.study.plots`, ``cells.json`` (the expanded grid), ``study_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from streamssl.config import Config, config_from_dict
+from streamssl.study.spec import JOINT, RANDOM_INIT, Cell, cell_config, load_study
+from streamssl.study.table import RANDOM_INIT_FILE, CellOutcome, aggregate, markdown, read_outcome, write_csv
+
+STUDY_FILES = ("study.csv", "study.md", "study_summary.json", "cells.json")
+
+
+def _cell_from_dict(d: dict[str, Any]) -> Cell:
+    return Cell(d["protocol"], d["strategy"], int(d["seed"]), d["config"])
+
+
+def _report_final(run_dir: Path) -> None:
+    from ray import tune
+
+    from streamssl.tracking.report import read_results
+
+    run = read_results(run_dir)
+    out = {k: v for k, v in run.final_metrics.items() if isinstance(v, (int, float))}
+    out["segment"] = len(run.segments) - 1
+    tune.report(out)
+
+
+def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], study_dir: str,
+                 tracking_uri: str | None, study_run_id: str | None) -> None:
+    from ray import tune
+
+    from streamssl.tracking.report import RESULTS_FILE, write_json_atomic
+    from streamssl.train.driver import StreamRunner, default_callbacks, read_state
+    from streamssl.tune.sweep import _SweepParent, _TuneReporter
+
+    cell = _cell_from_dict(cells[params["cell"]])
+    run_dir = Path(study_dir) / "trials" / cell.id
+    cfg = cell_config(cell, str(run_dir), tracking_uri)
+    if cell.strategy == RANDOM_INIT:
+        out = run_dir / RANDOM_INIT_FILE
+        if not out.is_file():
+            from streamssl.evaluate.after_segment import evaluate_random_init
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            metrics = evaluate_random_init(cfg)
+            write_json_atomic(out, {"metrics": metrics, "eval_s": time.perf_counter() - t0, "config": cfg.to_dict()})
+        metrics = json.loads(out.read_text())["metrics"]
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return
+    if (run_dir / RESULTS_FILE).is_file():  # finished before a restart: report, never retrain
+        _report_final(run_dir)
+        return
+    resumed = bool(read_state(run_dir)["completed"])
+    callbacks = [_SweepParent(study_run_id), *default_callbacks(cfg), _TuneReporter()]
+    StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
+
+
+def _prepare_datasets(cells: list[Cell]) -> None:
+    """Ingest every dataset the cells need once, before any trial (trials would race to ingest)."""
+    from streamssl.train.driver import ensure_dataset
+
+    seen: set[str] = set()
+    for c in cells:
+        cfg = config_from_dict(c.config)
+        if cfg.data.dataset_dir not in seen:
+            seen.add(cfg.data.dataset_dir)
+            ensure_dataset(cfg)
+
+
+def collect_outcomes(cells: list[Cell], study_dir: str | Path) -> list[CellOutcome]:
+    """Outcomes of the finished cells, read from their run directories."""
+    out = []
+    for c in cells:
+        o = read_outcome(c, Path(study_dir) / "trials" / c.id)
+        if o is not None:
+            out.append(o)
+    return out
+
+
+def add_cka_to_joint(cells: list[Cell], outcomes: list[CellOutcome]) -> None:
+    """Linear CKA of each sequential final encoder to the joint final encoder (same protocol, seed).
+
+    Features on the first images of the cell's held-out split (the per-segment diagnostics'
+    fixed probe set, :func:`streamssl.evaluate.after_segment.probe_images`).
+    """
+    from streamssl.evaluate.after_segment import probe_images
+    from streamssl.evaluate.cka import linear_cka
+    from streamssl.tracking.report import encoder_features
+
+    by_key = {(o.protocol, o.strategy, o.seed): o for o in outcomes}
+    cfg_of = {(c.protocol, c.strategy, c.seed): c.config for c in cells}
+    feature_fns: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
+    for o in outcomes:
+        if o.strategy in (JOINT, RANDOM_INIT) or o.run_dir is None:
+            continue
+        joint = by_key.get((o.protocol, JOINT, o.seed))
+        if joint is None or joint.run_dir is None:
+            continue
+        cfg = config_from_dict(cfg_of[(o.protocol, o.strategy, o.seed)])
+        fn = feature_fns.setdefault(cfg.data.dataset_dir, encoder_features(probe_images(cfg)))
+        for d in (o.run_dir, joint.run_dir):
+            if d not in cache:
+                cache[d] = fn(d)
+        o.cka_to_joint = linear_cka(cache[o.run_dir], cache[joint.run_dir])
+    joint_cells = [o for o in outcomes if o.strategy == JOINT]
+    for o in joint_cells:
+        o.cka_to_joint = 1.0
+
+
+def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, cka: bool = True) -> dict[str, Any]:
+    """Table, figures and summary from the cells' run directories (callable again at any time)."""
+    from streamssl.study.plots import render_study_plots
+    from streamssl.tracking.report import write_json_atomic
+
+    sdir = Path(study_dir)
+    outcomes = collect_outcomes(cells, sdir)
+    if cka:
+        add_cka_to_joint(cells, outcomes)
+    rows = aggregate(outcomes)
+    write_csv(rows, sdir / "study.csv")
+    (sdir / "study.md").write_text(markdown(rows, title=spec_name))
+    plots = render_study_plots(rows, outcomes, sdir)
+    missing = sorted(c.id for c in cells if not any(
+        (o.protocol, o.strategy, o.seed) == (c.protocol, c.strategy, c.seed) for o in outcomes))
+    summary = {"study": spec_name, "study_dir": str(sdir), "cells": len(cells), "finished": len(outcomes),
+               "unfinished": missing, "rows": rows, "plots": [str(p) for p in plots]}
+    write_json_atomic(sdir / "study_summary.json", summary)
+    return summary
+
+
+def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
+              overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the study in ``path`` into ``out_dir``; returns the summary."""
+    import ray
+    from ray import tune
+
+    from streamssl.tracking.report import write_json_atomic
+    from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams
+
+    spec, cells = load_study(path, overrides)
+    cells = [Cell(c.protocol, c.strategy, c.seed, _absolute_paths(dict(c.config))) for c in cells]
+    sdir = Path(out_dir).resolve()
+    exp_path = sdir / "tune" / "study"
+    if resume and not tune.Tuner.can_restore(str(exp_path)):
+        raise FileNotFoundError(f"{exp_path}: no study to resume")
+    if not resume and exp_path.exists():
+        raise FileExistsError(f"{sdir} already holds a study; continue it with --resume")
+    sdir.mkdir(parents=True, exist_ok=True)
+    cells_file = sdir / "cells.json"
+    if resume and cells_file.is_file():
+        before = {d["id"] for d in json.loads(cells_file.read_text())}
+        if before != {c.id for c in cells}:
+            raise ValueError(f"{path} now expands to other cells than the study in {sdir}; start a new --out")
+    write_json_atomic(cells_file, [{"id": c.id, "protocol": c.protocol, "strategy": c.strategy,
+                                    "seed": c.seed, "config": c.config} for c in cells])
+    print(f"study directory: {sdir} ({len(cells)} cells)", flush=True)
+
+    base = Config.model_validate(cells[0].config)
+    tracking_uri, study_run_id = None, None
+    if base.tracking.enabled:
+        from streamssl.tracking.mlflow_tracker import resolve_tracking_uri, start_sweep_run
+
+        tracking_uri = resolve_tracking_uri(base, sdir)
+        study_run_id = start_sweep_run(base, str(sdir), tracking_uri, kind="study", name=spec.name)
+    if not ray.is_initialized():
+        ray.init(address=base.scaling.ray_address, include_dashboard=False, configure_logging=False)
+    _prepare_datasets(cells)
+
+    cell_dicts = {c.id: {"protocol": c.protocol, "strategy": c.strategy, "seed": c.seed, "config": c.config}
+                  for c in cells}
+    trainable = tune.with_parameters(_study_trial, cells=cell_dicts, study_dir=str(sdir),
+                                     tracking_uri=tracking_uri, study_run_id=study_run_id)
+    trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial_driver})
+    param_space = {"cell": tune.grid_search([c.id for c in cells])}
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
+                           run_config=tune.RunConfig(name="study", storage_path=str(sdir / "tune"),
+                                                     failure_config=tune.FailureConfig(max_failures=1)))
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    errors = {r.config.get("cell"): f"{type(r.error).__name__}: {r.error}" for r in grid if r.error}
+    summary = write_outputs(spec.name, cells, sdir)
+    summary["tune_wall_s"] = time.perf_counter() - t0
+    summary["errors"] = errors
+    write_json_atomic(sdir / "study_summary.json", summary)
+    if study_run_id and tracking_uri:
+        from streamssl.tracking.mlflow_tracker import finish_study_run
+
+        _close_stopped_streams(tracking_uri, [{"run_dir": str(sdir / "trials" / cid), "error": err,
+                                               "segments_done": 0} for cid, err in errors.items()],
+                               base.stream.segments)
+        finish_study_run(tracking_uri, study_run_id, sdir, status="FAILED" if errors else "FINISHED")
+    return summary

@@ -1,0 +1,172 @@
+"""What a study is: a grid of stream runs, read from one YAML file and expanded into cells.
+
+A study answers Hu et al.'s question (ICLR 2022) on one stream: is sequential self-supervised
+pre-training (each segment starts from the last model) as good as joint training, and what do
+replay and MAS buy under large distribution shift? The grid is
+
+    protocols x strategies x seeds      sequential runs (naive, replay, mas, replay+mas, ...)
+    protocols x seeds                   joint: a fresh model trained on segments 0..t at every t
+    protocols x seeds                   random init: the same encoder untrained (evaluation only)
+
+Every cell is one complete run config, built in a fixed order from the base run config, the
+study's overrides, the protocol's, the strategy's, then the seed (``seed`` and ``stream.seed``,
+so a seed changes the initialization, the augmentations and, for the random protocols, the
+plan; the joint and random-init cells of a seed share the sequential cells' plan and init)::
+
+    name: study-fashion-mnist
+    base: fashion_mnist_class_incremental.yaml     # relative to this file, or an inline mapping
+    overrides: [stream.segments=3]
+    protocols:
+      instance: {}
+      class_random: {}
+      domain: {data.dataset_dir: data/fashion-mnist-domains, data.derive_domains: "original,rotate90"}
+    strategies:
+      naive: {}
+      replay: {replay.size: 2000, replay.mode: replace}
+    seeds: [0, 1, 2]
+    seeds_per_protocol: {domain: [0]}              # fewer seeds where the budget demands it
+
+Every cell's config is validated when the study is loaded, so a typo fails before any trial
+starts, with the cell and the field named.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from streamssl.config import Config, ConfigError, apply_overrides, config_from_dict
+
+#: Baseline cells every study may add besides its sequential strategies.
+JOINT = "joint"
+RANDOM_INIT = "random_init"
+BASELINES = (JOINT, RANDOM_INIT)
+PROTOCOLS = ("instance", "class_random", "class_distant", "domain", "time")
+
+
+class StudySpec(BaseModel):
+    """The study file, validated at the edge like a run config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "study"
+    base: str | dict[str, Any]
+    overrides: list[str] = Field(default_factory=list)
+    protocols: dict[str, dict[str, Any]]
+    strategies: dict[str, dict[str, Any]]
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds_per_protocol: dict[str, list[int]] = Field(default_factory=dict)
+    baselines: list[Literal["joint", "random_init"]] = Field(default_factory=lambda: list(BASELINES))
+    max_concurrent_trials: int = Field(1, ge=1)
+    cpus_per_trial_driver: float = Field(0.5, gt=0)
+
+    @field_validator("protocols")
+    @classmethod
+    def _known_protocols(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(v) - set(PROTOCOLS))
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {unknown}; allowed values: {', '.join(PROTOCOLS)}")
+        if not v:
+            raise ValueError("name at least one protocol")
+        return {k: dict(o or {}) for k, o in v.items()}
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategy_names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        clash = sorted(set(v) & set(BASELINES))
+        if clash:
+            raise ValueError(f"{clash} are baselines the study adds itself (see `baselines`); rename the strategy")
+        bad = [k for k in v if not k or any(c in k for c in "/\\ \t")]
+        if bad:
+            raise ValueError(f"strategy names must be non-empty, without slashes or whitespace: {bad}")
+        return {k: dict(o or {}) for k, o in v.items()}
+
+    def seeds_for(self, protocol: str) -> list[int]:
+        return list(self.seeds_per_protocol.get(protocol, self.seeds))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One stream run of the study (or one random-init evaluation)."""
+
+    protocol: str
+    strategy: str  # a key of ``strategies``, or ``joint`` / ``random_init``
+    seed: int
+    config: dict[str, Any]  # the resolved run config (Config.to_dict())
+
+    @property
+    def id(self) -> str:
+        """Directory name of the cell's run under ``<study>/trials/``; stable across resumes."""
+        return f"{self.protocol}--{self.strategy}--s{self.seed}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.strategy in BASELINES
+
+
+def _dotted(overrides: dict[str, Any]) -> list[str]:
+    # json.dumps gives a YAML-compatible literal for every scalar and list, so the value parses back unchanged.
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudySpec, list[Cell]]:
+    """Read a study file, apply command-line ``overrides`` to the base run config, expand the cells."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid study {p}:\n" + "\n".join(lines)) from None
+    if isinstance(spec.base, str):
+        base_path = Path(spec.base) if Path(spec.base).is_absolute() else p.parent / spec.base
+        if not base_path.is_file():
+            raise ConfigError(f"{p}: base: run config {base_path} not found")
+        base = yaml.safe_load(base_path.read_text()) or {}
+    else:
+        base = dict(spec.base)
+    spec_overrides = [*spec.overrides, *(overrides or [])]
+    return spec, expand_cells(spec, base, spec_overrides)
+
+
+def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> list[Cell]:
+    """All cells in a stable order: per protocol, per seed: strategies, then joint, then random init."""
+    cells: list[Cell] = []
+    for protocol, proto_over in spec.protocols.items():
+        for seed in spec.seeds_for(protocol):
+            names = [*spec.strategies, *[b for b in BASELINES if b in spec.baselines]]
+            for strategy in names:
+                if strategy == JOINT:
+                    strat_over: dict[str, Any] = {"strategy": "joint", "replay.size": 0,
+                                                  "regularization.method": "none"}
+                elif strategy == RANDOM_INIT:
+                    strat_over = {}
+                else:
+                    strat_over = spec.strategies[strategy]
+                dotted = [*overrides, f"stream.protocol={protocol}", *_dotted(proto_over), *_dotted(strat_over),
+                          f"seed={seed}", f"stream.seed={seed}",
+                          f"name={spec.name}-{protocol}-{strategy.replace('+', '_')}-s{seed}"]
+                try:
+                    cfg = config_from_dict(apply_overrides(base, []), dotted)
+                except ConfigError as e:
+                    raise ConfigError(f"study cell {protocol}/{strategy}/seed {seed}: {e}") from None
+                cells.append(Cell(protocol, strategy, seed, cfg.to_dict()))
+    return cells
+
+
+def cell_config(cell: Cell, run_dir: str, tracking_uri: str | None) -> Config:
+    """The cell's run config, placed in its run directory and tracking store."""
+    data = apply_overrides(cell.config, [])
+    data["run_dir"] = run_dir
+    data.setdefault("tracking", {})["tracking_uri"] = tracking_uri
+    return config_from_dict(data)

@@ -1,0 +1,192 @@
+"""The study's table: one row per protocol x strategy, mean and std over seeds.
+
+Numbers come only from files in the cells' run directories (``results.json`` of a stream run,
+``random_init.json`` of a random-init cell), so a table can be rebuilt at any time, and a
+resumed study's table covers every finished cell whether it ran before or after the restart.
+
+Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
+
+* ``linear`` / ``knn`` / ``fewshot``: the final encoder's frozen-feature probes on the held-out
+  split, mean and sample std (ddof=1) over seeds; std is empty with one seed.
+* ``forgetting_linear`` / ``forgetting_knn``: average forgetting (Chaudhry et al., 2018) from the
+  run's accuracy matrix; defined only where segments have their own test classes
+  (class-incremental protocols), empty otherwise.
+* ``gap_to_joint_linear`` / ``gap_to_joint_knn``: mean over seeds of (this cell - joint of the
+  same protocol and seed); negative = below joint.
+* ``gain_over_random_init_linear``: the same against the untrained encoder.
+* ``images_processed``: images through forward + backward during training (all workers, replay
+  rows and repeated epochs included; the MAS/EWC importance pass counted too), mean over seeds.
+  Joint retrains from scratch on segments 0..t after every segment, so its count is what
+  "retrain on everything after every drop" costs, against sequential's one pass per drop.
+* ``wall_s``: the stream driver's wall time (training, start-up and evaluation), mean over seeds.
+* ``cka_to_joint``: linear CKA between the cell's final encoder and the joint final encoder of
+  the same protocol and seed, on a fixed probe set (1 = same representation up to rotation/scale).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamssl.study.spec import JOINT, RANDOM_INIT, Cell
+
+RANDOM_INIT_FILE = "random_init.json"
+PROBES = ("linear", "knn", "fewshot")
+COLUMNS = ("protocol", "strategy", "seeds",
+           "linear_mean", "linear_std", "knn_mean", "knn_std", "fewshot_mean", "fewshot_std",
+           "forgetting_linear", "forgetting_knn", "gap_to_joint_linear", "gap_to_joint_knn",
+           "gain_over_random_init_linear", "images_processed", "wall_s", "cka_to_joint")
+
+
+@dataclass
+class CellOutcome:
+    """What one finished cell measured."""
+
+    protocol: str
+    strategy: str
+    seed: int
+    final: dict[str, float]  # probe -> accuracy of the final encoder
+    forgetting: dict[str, float] = field(default_factory=dict)  # probe -> average forgetting
+    curve: dict[str, list[float]] = field(default_factory=dict)  # probe -> accuracy after each segment
+    images_processed: float = 0.0
+    wall_s: float = float("nan")
+    cka_to_joint: float = float("nan")
+    run_dir: str | None = None
+
+
+def _f(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
+    """The cell's outcome from its run directory; None while the cell has not finished."""
+    from streamssl.tracking.report import RESULTS_FILE, read_results
+
+    d = Path(run_dir)
+    if cell.strategy == RANDOM_INIT:
+        p = d / RANDOM_INIT_FILE
+        if not p.is_file():
+            return None
+        m = json.loads(p.read_text())["metrics"]
+        return CellOutcome(cell.protocol, cell.strategy, cell.seed,
+                           final={k: _f(m.get(f"eval/{k}_acc")) for k in PROBES}, images_processed=0.0,
+                           wall_s=0.0, run_dir=str(d))
+    if not (d / RESULTS_FILE).is_file():
+        return None
+    run = read_results(d)
+    final = run.final_metrics
+    mats = run.accuracy_matrices()
+    from streamssl.tracking.report import forgetting_and_accuracy
+
+    forgetting = {k: forgetting_and_accuracy(mats[k])[0] for k in ("linear", "knn") if k in mats}
+    curve = {k: [_f(s.metrics.get(f"eval/{k}_acc")) for s in run.segments] for k in PROBES}
+    images = 0.0
+    for s in run.segments:
+        train = s.metrics.get("compute/train_images", s.metrics.get("train/images_seen", 0.0))
+        images += _f(train) + _f(s.metrics.get("compute/importance_images", 0.0))
+    return CellOutcome(cell.protocol, cell.strategy, cell.seed,
+                       final={k: _f(final.get(f"eval/{k}_acc")) for k in PROBES}, forgetting=forgetting,
+                       curve=curve, images_processed=images, wall_s=run.wall_s, run_dir=str(d))
+
+
+def _mean(xs: Iterable[float]) -> float:
+    v = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _std(xs: Iterable[float]) -> float:
+    v = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(np.std(v, ddof=1)) if len(v) >= 2 else float("nan")
+
+
+def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
+    """One row per (protocol, strategy), in first-seen order; gaps are paired by seed."""
+    groups: dict[tuple[str, str], list[CellOutcome]] = {}
+    for o in outcomes:
+        groups.setdefault((o.protocol, o.strategy), []).append(o)
+    by_seed = {(o.protocol, o.strategy, o.seed): o for o in outcomes}
+
+    def paired_gap(cells: list[CellOutcome], baseline: str, probe: str) -> float:
+        diffs = []
+        for o in cells:
+            ref = by_seed.get((o.protocol, baseline, o.seed))
+            if ref is not None:
+                diffs.append(o.final.get(probe, float("nan")) - ref.final.get(probe, float("nan")))
+        return _mean(diffs)
+
+    rows = []
+    for (protocol, strategy), cells in groups.items():
+        row: dict[str, Any] = {"protocol": protocol, "strategy": strategy, "seeds": len(cells)}
+        for p in PROBES:
+            row[f"{p}_mean"] = _mean(o.final.get(p, float("nan")) for o in cells)
+            row[f"{p}_std"] = _std(o.final.get(p, float("nan")) for o in cells)
+        for p in ("linear", "knn"):
+            row[f"forgetting_{p}"] = _mean(o.forgetting.get(p, float("nan")) for o in cells)
+            row[f"gap_to_joint_{p}"] = float("nan") if strategy == JOINT else paired_gap(cells, JOINT, p)
+        row["gain_over_random_init_linear"] = (float("nan") if strategy == RANDOM_INIT
+                                               else paired_gap(cells, RANDOM_INIT, "linear"))
+        row["images_processed"] = _mean(o.images_processed for o in cells)
+        row["wall_s"] = _mean(o.wall_s for o in cells)
+        row["cka_to_joint"] = _mean(o.cka_to_joint for o in cells)
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """``study.csv``: fractions as they are; NaN (undefined) as an empty cell."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
+                            (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items() if k in COLUMNS})
+    return path
+
+
+def _pct(mean: float, std: float | None = None) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    s = f"{100 * mean:.1f}"
+    return s + (f" ± {100 * std:.1f}" if std is not None and math.isfinite(std) else "")
+
+
+def _pp(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}"
+
+
+def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
+    """``study.md``: the same rows, readable; accuracies in %, gaps in percentage points."""
+    header = ["protocol", "strategy", "seeds", "linear %", "kNN %", "few-shot %", "forgetting lin / kNN (pp)",
+              "gap to joint lin / kNN (pp)", "vs random init lin (pp)", "images processed", "wall s",
+              "CKA to joint"]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
+    for r in rows:
+        fl, fk = r["forgetting_linear"], r["forgetting_knn"]
+        forget = "n/a" if not (math.isfinite(fl) or math.isfinite(fk)) else f"{_pp(fl)} / {_pp(fk)}"
+        gap = ("—" if r["strategy"] == JOINT else f"{_pp(r['gap_to_joint_linear'])} / {_pp(r['gap_to_joint_knn'])}")
+        cka = r["cka_to_joint"]
+        lines.append("| " + " | ".join([
+            r["protocol"], r["strategy"], str(r["seeds"]),
+            _pct(r["linear_mean"], r["linear_std"]), _pct(r["knn_mean"], r["knn_std"]),
+            _pct(r["fewshot_mean"], r["fewshot_std"]), forget, gap,
+            "—" if r["strategy"] == RANDOM_INIT else _pp(r["gain_over_random_init_linear"]),
+            f"{r['images_processed']:,.0f}" if math.isfinite(r["images_processed"]) else "n/a",
+            f"{r['wall_s']:.0f}" if math.isfinite(r["wall_s"]) else "n/a",
+            f"{cka:.3f}" if math.isfinite(cka) else "n/a",
+        ]) + " |")
+    lines += ["", "Accuracies: mean ± sample std over seeds of the final encoder's frozen-feature probes on "
+              "the held-out test split. Gaps: paired by seed against the joint run (a fresh model trained "
+              "on all segments so far) and against the untrained encoder. Forgetting: average forgetting "
+              "over earlier segments' test classes (class-incremental protocols only). Images processed: "
+              "forward + backward passes in training, replay and importance passes included; joint "
+              "retrains from scratch after every segment.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""The study: grid expansion and validation, the table's arithmetic, and (Ray) a tiny grid end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streamssl.config import ConfigError
+from streamssl.study.spec import load_study
+from streamssl.study.table import CellOutcome, aggregate, markdown, write_csv
+from tests.test_train_e2e import tiny_dataset  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, study: dict, name: str = "study.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(study, sort_keys=False))
+    return p
+
+
+def _base() -> dict:
+    return {"name": "b", "data": {"dataset_dir": "data/x"}, "stream": {"segments": 2},
+            "replay": {"size": 0}, "tracking": {"enabled": False}}
+
+
+def test_cells_cover_the_grid_in_a_stable_order(tmp_path):
+    study = {"name": "s", "base": _base(),
+             "protocols": {"instance": {}, "class_random": {"stream.segments": 3}},
+             "strategies": {"naive": {}, "replay": {"replay.size": 100}, "mas": {"regularization.method": "mas"}},
+             "seeds": [0, 1, 2], "seeds_per_protocol": {"class_random": [5]}}
+    spec, cells = load_study(_write(tmp_path, study))
+    ids = [c.id for c in cells]
+    # instance: 3 seeds x (3 strategies + joint + random init); class_random: 1 seed x 5
+    assert len(cells) == 3 * 5 + 5
+    assert ids[:5] == ["instance--naive--s0", "instance--replay--s0", "instance--mas--s0",
+                       "instance--joint--s0", "instance--random_init--s0"]
+    by_id = {c.id: c.config for c in cells}
+    assert by_id["class_random--naive--s5"]["stream"]["segments"] == 3
+    assert by_id["class_random--naive--s5"]["seed"] == 5 and by_id["class_random--naive--s5"]["stream"]["seed"] == 5
+    assert by_id["instance--replay--s1"]["replay"]["size"] == 100
+    joint = by_id["instance--joint--s2"]
+    assert joint["strategy"] == "joint" and joint["replay"]["size"] == 0
+    # the joint and sequential cells of a seed share the plan and the initialization
+    naive = by_id["instance--naive--s2"]
+    assert (joint["seed"], joint["stream"]) == (naive["seed"], naive["stream"])
+    assert len(set(ids)) == len(ids)
+    assert load_study(_write(tmp_path, study))[1] == cells  # deterministic
+
+
+def test_command_line_overrides_reach_every_cell(tmp_path):
+    study = {"base": _base(), "protocols": {"instance": {}}, "strategies": {"naive": {}}}
+    _, cells = load_study(_write(tmp_path, study), ["optim.lr=0.5"])
+    assert {c.config["optim"]["lr"] for c in cells} == {0.5}
+
+
+def test_a_bad_cell_fails_before_anything_runs_and_names_the_cell(tmp_path):
+    study = {"base": _base(), "protocols": {"instance": {}}, "strategies": {"bad": {"replay.policy": "lifo"}}}
+    with pytest.raises(ConfigError, match=r"(?s)instance/bad/seed 0.*replay.policy"):
+        load_study(_write(tmp_path, study))
+    study = {"base": _base(), "protocols": {"instanse": {}}, "strategies": {"naive": {}}}
+    with pytest.raises(ConfigError, match="unknown protocol.*allowed values: instance"):
+        load_study(_write(tmp_path, study))
+    study = {"base": _base(), "protocols": {"instance": {}}, "strategies": {"joint": {}}}
+    with pytest.raises(ConfigError, match="baselines"):
+        load_study(_write(tmp_path, study))
+
+
+def test_base_file_is_resolved_next_to_the_study(tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(_base()))
+    _, cells = load_study(_write(tmp_path, {"base": "run.yaml", "protocols": {"instance": {}},
+                                            "strategies": {"naive": {}}}))
+    assert cells[0].config["data"]["dataset_dir"] == "data/x"
+
+
+def _o(protocol, strategy, seed, lin, knn=0.5, images=100.0, forgetting=None, curve=None):
+    return CellOutcome(protocol, strategy, seed, final={"linear": lin, "knn": knn, "fewshot": float("nan")},
+                       forgetting=forgetting or {}, curve=curve or {}, images_processed=images, wall_s=10.0)
+
+
+def test_aggregate_means_stds_and_gaps_paired_by_seed():
+    outcomes = [
+        _o("p", "naive", 0, 0.80), _o("p", "naive", 1, 0.84),
+        _o("p", "joint", 0, 0.83, images=300), _o("p", "joint", 1, 0.85, images=300),
+        _o("p", "random_init", 0, 0.70, images=0), _o("p", "random_init", 1, 0.72, images=0),
+        _o("q", "naive", 0, 0.60, forgetting={"linear": 0.05}),
+    ]
+    rows = {(r["protocol"], r["strategy"]): r for r in aggregate(outcomes)}
+    naive = rows[("p", "naive")]
+    assert naive["seeds"] == 2
+    assert naive["linear_mean"] == pytest.approx(0.82)
+    assert naive["linear_std"] == pytest.approx(math.sqrt(((0.02) ** 2 * 2) / 1))
+    assert naive["gap_to_joint_linear"] == pytest.approx(((0.80 - 0.83) + (0.84 - 0.85)) / 2)
+    assert naive["gain_over_random_init_linear"] == pytest.approx(0.11)
+    assert math.isnan(rows[("p", "joint")]["gap_to_joint_linear"])
+    assert rows[("p", "joint")]["images_processed"] == 300
+    q = rows[("q", "naive")]
+    assert math.isnan(q["linear_std"]) and math.isnan(q["gap_to_joint_linear"])  # one seed, no joint
+    assert q["forgetting_linear"] == pytest.approx(0.05)
+
+
+def test_table_files(tmp_path):
+    rows = aggregate([_o("p", "naive", 0, 0.8), _o("p", "naive", 1, 0.9), _o("p", "joint", 0, 0.85)])
+    text = markdown(rows, "t")
+    assert "| p | naive | 2 | 85.0 ± 7.1 |" in text
+    write_csv(rows, tmp_path / "s.csv")
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert lines[0].startswith("protocol,strategy,seeds,linear_mean,linear_std")
+    assert lines[2].startswith("p,joint,1,0.85,,")  # one seed: std left empty, not 0
+
+
+def test_shipped_study_configs_expand():
+    for name in ("study_fashion_mnist.yaml", "study_smoke.yaml"):
+        spec, cells = load_study(ROOT / "configs" / name)
+        assert any(c.strategy == "joint" for c in cells) and any(c.strategy == "random_init" for c in cells)
+    spec, cells = load_study(ROOT / "configs" / "study_fashion_mnist.yaml")
+    protocols = {c.protocol for c in cells}
+    assert protocols == {"instance", "class_random", "class_distant", "domain"}
+    for p in ("instance", "class_random"):
+        assert len(spec.seeds_for(p)) >= 3
+    assert set(spec.strategies) == {"naive", "replay", "mas", "replay+mas"}
+    assert all(c.config["replay"]["mode"] == "replace" for c in cells if c.config["replay"]["size"])
+
+
+@pytest.mark.ray
+def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
+    """configs/study_smoke.yaml on synthetic images: naive, joint and random init for one seed,
+    the table and figures, one MLflow study run above the stream runs, and a resume that trains
+    nothing again."""
+    from mlflow.tracking import MlflowClient
+
+    from streamssl.study import run_study
+
+    out = tmp_path / "study"
+    overrides = [f"data.dataset_dir={tiny_dataset}", "data.source=folder", "data.image_size=16",
+                 "stream.max_images_per_segment=null", f"scaling.ray_address={ray_local}"]
+    summary = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides)
+    assert summary["errors"] == {} and summary["finished"] == summary["cells"] == 3
+    rows = {r["strategy"]: r for r in summary["rows"]}
+    assert set(rows) == {"naive", "joint", "random_init"}
+    for name in ("naive", "joint", "random_init"):
+        assert 0.0 < rows[name]["linear_mean"] <= 1.0
+    # joint retrains from scratch on segments 0..1 at segment 1: more images than one pass each
+    assert rows["joint"]["images_processed"] > rows["naive"]["images_processed"] > 0
+    assert rows["naive"]["cka_to_joint"] == pytest.approx(rows["naive"]["cka_to_joint"])  # finite
+    assert math.isfinite(rows["naive"]["gap_to_joint_linear"])
+    for f in ("study.csv", "study.md", "accuracy_along_stream.png", "gap_to_joint.png", "cka_to_joint.png"):
+        assert (out / f).is_file(), f
+    # joint's segment 1 is a fresh model, not a continuation of segment 0
+    joint_meta = json.loads((out / "trials" / "class_random--joint--s0" / "state.json").read_text())
+    assert joint_meta["completed"][1]["parent_checkpoint"] is None
+
+    info = json.loads((out / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=info["tracking_uri"])
+    study_run = client.get_run(info["parent_run_id"])
+    assert study_run.info.status == "FINISHED" and study_run.data.tags["streamssl.kind"] == "study"
+    streams = client.search_runs([info["experiment_id"]],
+                                 filter_string=f"tags.mlflow.parentRunId = '{study_run.info.run_id}'")
+    assert len(streams) == 2  # naive + joint (random init trains nothing)
+    artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id)}
+    assert {"study.md", "study.csv", "plots"} <= artifacts
+
+    ckpt = out / "trials" / "class_random--naive--s0" / "checkpoints" / "segment-001" / "meta.json"
+    before = ckpt.stat().st_mtime_ns
+    again = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides, resume=True)
+    assert again["finished"] == 3 and again["errors"] == {}
+    assert ckpt.stat().st_mtime_ns == before  # nothing was trained again
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides)
