@@ -143,6 +143,9 @@ class EvalConfig(_Section):
     fewshot_episodes: int = Field(100, ge=1)
     max_train_images: int | None = Field(10000, ge=1)  # subsample the probe's train features
     max_test_images: int | None = Field(None, ge=1)
+    # CKA to the parent checkpoint and SSL-loss sharpness after every segment (a few seconds each
+    # on CPU); a study that only needs the probes turns them off.
+    diagnostics: bool = True
 
 
 class TrackingConfig(_Section):

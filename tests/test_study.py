@@ -52,6 +52,20 @@ def test_cells_cover_the_grid_in_a_stable_order(tmp_path):
     assert load_study(_write(tmp_path, study))[1] == cells  # deterministic
 
 
+def test_seeds_per_strategy_restrict_a_strategy_but_not_the_baselines(tmp_path):
+    study = {"base": _base(), "protocols": {"instance": {}},
+             "strategies": {"naive": {}, "replay": {"replay.size": 10}}, "seeds": [0, 1, 2],
+             "seeds_per_strategy": {"replay": [0]}}
+    _, cells = load_study(_write(tmp_path, study))
+    per = {}
+    for c in cells:
+        per.setdefault(c.strategy, []).append(c.seed)
+    assert per == {"naive": [0, 1, 2], "replay": [0], "joint": [0, 1, 2], "random_init": [0, 1, 2]}
+    study["seeds_per_strategy"] = {"replya": [0]}
+    with pytest.raises(ConfigError, match="replya"):
+        load_study(_write(tmp_path, study))
+
+
 def test_command_line_overrides_reach_every_cell(tmp_path):
     study = {"base": _base(), "protocols": {"instance": {}}, "strategies": {"naive": {}}}
     _, cells = load_study(_write(tmp_path, study), ["optim.lr=0.5"])

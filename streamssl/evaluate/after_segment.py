@@ -107,7 +107,8 @@ def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, 
 
     encoder = load_encoder(ckpt_dir)
     metrics = evaluate_encoder_on_config(cfg, encoder, plan_meta)
-    metrics.update(drift_and_sharpness(cfg, ckpt_dir, prev_ckpt, encoder=encoder))
+    if cfg.eval.diagnostics:
+        metrics.update(drift_and_sharpness(cfg, ckpt_dir, prev_ckpt, encoder=encoder))
     row: dict[str, list[float]] = {}
     for name in ("knn", "linear"):
         keys = sorted((k for k in metrics if k.startswith(f"eval/{name}_acc_seg")), key=lambda k: int(k.rsplit("seg", 1)[1]))

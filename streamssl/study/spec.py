@@ -25,6 +25,7 @@ plan; the joint and random-init cells of a seed share the sequential cells' plan
       replay: {replay.size: 2000, replay.mode: replace}
     seeds: [0, 1, 2]
     seeds_per_protocol: {domain: [0]}              # fewer seeds where the budget demands it
+    seeds_per_strategy: {replay: [0]}              # ... or for some strategies (baselines keep all)
 
 Every cell's config is validated when the study is loaded, so a typo fails before any trial
 starts, with the cell and the field named.
@@ -61,6 +62,9 @@ class StudySpec(BaseModel):
     strategies: dict[str, dict[str, Any]]
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     seeds_per_protocol: dict[str, list[int]] = Field(default_factory=dict)
+    # Restricts a strategy to some of its protocol's seeds (baselines keep all of them), e.g. to
+    # run naive with 3 seeds and replay with 1 where the budget is short.
+    seeds_per_strategy: dict[str, list[int]] = Field(default_factory=dict)
     baselines: list[Literal["joint", "random_init"]] = Field(default_factory=lambda: list(BASELINES))
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial_driver: float = Field(0.5, gt=0)
@@ -86,8 +90,11 @@ class StudySpec(BaseModel):
             raise ValueError(f"strategy names must be non-empty, without slashes or whitespace: {bad}")
         return {k: dict(o or {}) for k, o in v.items()}
 
-    def seeds_for(self, protocol: str) -> list[int]:
-        return list(self.seeds_per_protocol.get(protocol, self.seeds))
+    def seeds_for(self, protocol: str, strategy: str | None = None) -> list[int]:
+        seeds = list(self.seeds_per_protocol.get(protocol, self.seeds))
+        if strategy is not None and strategy in self.seeds_per_strategy:
+            seeds = [s for s in seeds if s in self.seeds_per_strategy[strategy]]
+        return seeds
 
 
 @dataclass(frozen=True)
@@ -141,11 +148,17 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
 
 def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> list[Cell]:
     """All cells in a stable order: per protocol, per seed: strategies, then joint, then random init."""
+    unknown = sorted(set(spec.seeds_per_strategy) - set(spec.strategies))
+    if unknown:
+        raise ConfigError(f"seeds_per_strategy names {unknown}, which are not strategies of this study "
+                          f"({', '.join(spec.strategies)})")
     cells: list[Cell] = []
     for protocol, proto_over in spec.protocols.items():
         for seed in spec.seeds_for(protocol):
             names = [*spec.strategies, *[b for b in BASELINES if b in spec.baselines]]
             for strategy in names:
+                if strategy in spec.strategies and seed not in spec.seeds_for(protocol, strategy):
+                    continue
                 if strategy == JOINT:
                     strat_over: dict[str, Any] = {"strategy": "joint", "replay.size": 0,
                                                   "regularization.method": "none"}

@@ -18,7 +18,8 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
   rows and repeated epochs included; the MAS/EWC importance pass counted too), mean over seeds.
   Joint retrains from scratch on segments 0..t after every segment, so its count is what
   "retrain on everything after every drop" costs, against sequential's one pass per drop.
-* ``wall_s``: the stream driver's wall time (training, start-up and evaluation), mean over seeds.
+* ``wall_s``: the stream driver's wall time (training, start-up and evaluation), mean over seeds;
+  for random init, the one evaluation's time.
 * ``cka_to_joint``: linear CKA between the cell's final encoder and the joint final encoder of
   the same protocol and seed, on a fixed probe set (1 = same representation up to rotation/scale).
 """
@@ -74,10 +75,11 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
         p = d / RANDOM_INIT_FILE
         if not p.is_file():
             return None
-        m = json.loads(p.read_text())["metrics"]
+        doc = json.loads(p.read_text())
+        m = doc["metrics"]
         return CellOutcome(cell.protocol, cell.strategy, cell.seed,
                            final={k: _f(m.get(f"eval/{k}_acc")) for k in PROBES}, images_processed=0.0,
-                           wall_s=0.0, run_dir=str(d))
+                           wall_s=_f(doc.get("eval_s")), run_dir=str(d))
     if not (d / RESULTS_FILE).is_file():
         return None
     run = read_results(d)
