@@ -123,7 +123,7 @@ class ScalingConfig(_Section):
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)  # <1 keeps CPU free for Ray Data (see STACK.md)
+    cpus_per_worker: float = Field(0.5, gt=0)  # <1 keeps CPU free for Ray Data (see docs/stack-notes.md)
     zero_stage: Literal[0, 1, 2] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every_steps: int = Field(0, ge=0)  # in-segment checkpoints; 0 = only at the end

@@ -3,7 +3,7 @@
 ``ray_local``: one small local Ray cluster for the whole test session (starting Ray costs seconds,
 so modules share it). It yields the cluster's address, which other processes (a CLI subprocess,
 ``ray.init(address=...)``) can attach to. num_cpus=2 matches the CI machines; Ray Train tests must
-size workers below one CPU each (the 2-core deadlock in the project's stack notes) so Ray Data keeps a CPU.
+size workers below one CPU each (the 2-core deadlock in docs/stack-notes.md) so Ray Data keeps a CPU.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ only the tests that need a server pay for starting one)::
         client = MlflowClient(mlflow_server)
 
 The server is session-scoped: SQLite backend and local artifact root in a temporary directory,
-one uvicorn worker and no background job runner (~8 s to start instead of ~20 s, see STACK.md).
+one uvicorn worker and no background job runner (~8 s to start instead of ~20 s, see docs/stack-notes.md).
 It runs in its own process group, which is terminated (then killed) at the end of the session.
 """
 

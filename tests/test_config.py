@@ -14,7 +14,7 @@ def test_default_config_loads():
     cfg = load_config(DEFAULT)
     assert cfg.stream.protocol == "class_random" and cfg.stream.segments == 5
     assert cfg.ssl.method == "mocov2" and cfg.scaling.num_workers == 2
-    # 2-core safety (STACK.md deadlock): workers must leave CPU for Ray Data.
+    # 2-core safety (docs/stack-notes.md, 2-core deadlock): workers must leave CPU for Ray Data.
     assert cfg.scaling.cpus_per_worker * cfg.scaling.num_workers < 2
 
 

@@ -127,9 +127,9 @@ def step_records(t: int) -> list[dict]:
 def start_segment(tracker: MlflowTracker, ctx: StreamContext, t: int, *, live: bool) -> str:
     """on_segment_start, then what rank 0 of the workers does with the ids it is handed."""
     tracker.on_segment_start(ctx, t)
-    run_id = ctx.extras["mlflow_run_id"]
+    run_id = ctx.tracking.segment_run_id
     if live:  # the worker's _StepLogger: loss, penalty, lr, step_time_s, live
-        client = MlflowClient(ctx.extras["mlflow_tracking_uri"])
+        client = MlflowClient(ctx.tracking.tracking_uri)
         client.log_batch(run_id, metrics=[Metric(f"train/{k}", r[k], 0, r["step"]) for r in step_records(t)
                                           for k in ("loss", "penalty", "lr", "step_time_s")])
     return run_id
@@ -171,8 +171,8 @@ def test_two_segment_stream_lineage(tmp_path: Path) -> None:
     ctx = make_stream(tmp_path)
     tracker = MlflowTracker(strict=True, encoder_loader=lambda path: TinyEncoder())
     tracker.on_stream_start(ctx)
-    parent = ctx.extras["mlflow_parent_run_id"]
-    uri = ctx.extras["mlflow_tracking_uri"]
+    parent = ctx.tracking.stream_run_id
+    uri = ctx.tracking.tracking_uri
     assert uri == f"sqlite:///{(tmp_path / 'run' / 'mlflow.db').resolve()}"
 
     seg0_id = start_segment(tracker, ctx, 0, live=True)
@@ -258,7 +258,7 @@ def test_resume_continues_parent_and_replaces_cut_off_segment(tmp_path: Path) ->
     ctx = make_stream(tmp_path)
     first = MlflowTracker(strict=True, log_model=False)
     first.on_stream_start(ctx)
-    parent = ctx.extras["mlflow_parent_run_id"]
+    parent = ctx.tracking.stream_run_id
     seg0_id = start_segment(first, ctx, 0, live=False)
     r0 = end_segment(first, ctx, 0, None)
     cut_id = start_segment(first, ctx, 1, live=True)  # the driver dies here: no on_segment_end
@@ -268,8 +268,8 @@ def test_resume_continues_parent_and_replaces_cut_off_segment(tmp_path: Path) ->
     ctx2 = make_stream(tmp_path, resumed=True)
     second = MlflowTracker(strict=True, log_model=False)
     second.on_stream_start(ctx2)
-    assert ctx2.extras["mlflow_parent_run_id"] == parent
-    client = MlflowClient(ctx2.extras["mlflow_tracking_uri"])
+    assert ctx2.tracking.stream_run_id == parent
+    client = MlflowClient(ctx2.tracking.tracking_uri)
     assert client.get_run(parent).data.tags["resume_count"] == "1"
     assert client.get_run(cut_id).info.status == "RUNNING"
     new_id = start_segment(second, ctx2, 1, live=False)
@@ -298,7 +298,7 @@ ctx = make_stream(Path(sys.argv[1]))
 tracker = MlflowTracker(strict=True, log_model=False, plots=False)
 tracker.on_stream_start(ctx)
 tracker.on_segment_start(ctx, 0)
-print(ctx.extras["mlflow_parent_run_id"], ctx.extras["mlflow_run_id"], flush=True)
+print(ctx.tracking.stream_run_id, ctx.tracking.segment_run_id, flush=True)
 raise RuntimeError("training blew up")
 """
 
@@ -315,7 +315,7 @@ def test_driver_exception_fails_runs_and_resume_revives_parent(tmp_path: Path) -
     assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["status"] == "FAILED"
     tracker = MlflowTracker(strict=True, log_model=False, plots=False)
     tracker.on_stream_start(ctx)
-    assert ctx.extras["mlflow_parent_run_id"] == parent and client.get_run(parent).info.status == "RUNNING"
+    assert ctx.tracking.stream_run_id == parent and client.get_run(parent).info.status == "RUNNING"
     tracker.close("KILLED")
 
 
@@ -323,15 +323,15 @@ def test_fresh_start_in_used_dir_gets_new_parent(tmp_path: Path) -> None:
     ctx = make_stream(tmp_path)
     a = MlflowTracker(strict=True, log_model=False, plots=False)
     a.on_stream_start(ctx)
-    old = ctx.extras["mlflow_parent_run_id"]
+    old = ctx.tracking.stream_run_id
     ctx2 = make_stream(tmp_path, resumed=False)
     b = MlflowTracker(strict=True, log_model=False, plots=False)
     b.on_stream_start(ctx2)
-    client = MlflowClient(ctx2.extras["mlflow_tracking_uri"])
-    assert ctx2.extras["mlflow_parent_run_id"] != old
+    client = MlflowClient(ctx2.tracking.tracking_uri)
+    assert ctx2.tracking.stream_run_id != old
     assert client.get_run(old).info.status == "FAILED"
     b.close("KILLED")
-    assert client.get_run(ctx2.extras["mlflow_parent_run_id"]).info.status == "KILLED"
+    assert client.get_run(ctx2.tracking.stream_run_id).info.status == "KILLED"
     a.close()
 
 
@@ -343,14 +343,14 @@ def test_sweep_run_is_parent_of_stream_runs(tmp_path: Path) -> None:
     sweep_id = start_sweep_run(cfg, str(sweep_dir), uri)
     assert start_sweep_run(cfg, str(sweep_dir), uri) == sweep_id  # a resumed sweep reuses its run
     ctx = make_stream(tmp_path / "trial", tracking_uri=uri)
-    ctx.extras["mlflow_sweep_run_id"] = sweep_id
+    ctx.tracking.outer_run_id = sweep_id
     tracker = MlflowTracker(strict=True, log_model=False, plots=False)
     tracker.on_stream_start(ctx)
     tracker.on_stream_end(ctx, [])
     finish_sweep_run(uri, sweep_id, {"sweep_dir": str(sweep_dir), "best_params": {"optim.lr": 0.1},
                                      "best_metric": {"eval/knn_acc": 0.75}, "best_run_dir": ctx.run_dir})
     client = MlflowClient(uri)
-    stream = client.get_run(ctx.extras["mlflow_parent_run_id"])
+    stream = client.get_run(ctx.tracking.stream_run_id)
     assert stream.data.tags["mlflow.parentRunId"] == sweep_id
     assert stream.info.artifact_uri.startswith((sweep_dir / "mlartifacts").as_uri())
     sweep = client.get_run(sweep_id)
@@ -368,7 +368,7 @@ def test_tracking_failure_warns_once_and_never_raises(tmp_path: Path) -> None:
         tracker.on_segment_end(ctx, SegmentResult(0, str(tmp_path), None, 1, 0, {"train/loss": 1.0}))
         tracker.on_stream_end(ctx, [])
     assert len([w for w in rec if "MLflow tracking failed" in str(w.message)]) == 1
-    assert "mlflow_run_id" not in ctx.extras
+    assert ctx.tracking.segment_run_id is None
     with pytest.raises(MlflowException):
         MlflowTracker(strict=True).on_stream_start(make_stream(tmp_path, tracking_uri="bogus-scheme://nowhere"))
 
@@ -403,7 +403,7 @@ def test_tracker_against_mlflow_server(tmp_path: Path, mlflow_server: str) -> No
     tracker.on_stream_end(ctx, [r0, r1])
 
     client = MlflowClient(mlflow_server)
-    parent = ctx.extras["mlflow_parent_run_id"]
+    parent = ctx.tracking.stream_run_id
     kids = children(client, parent)
     assert sorted(kids) == ["segment-000", "segment-001"]
     assert kids["segment-001"][0].data.tags["parent_checkpoint"] == r0.checkpoint_dir

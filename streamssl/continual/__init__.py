@@ -7,7 +7,8 @@ MAS, EWC, L2-SP). ``strategy: joint`` uses no plugin; the driver reads all segme
 
 from __future__ import annotations
 
-from streamssl.continual.base import Regularizer, Strategy, StrategyPlugin, build_strategy
+from streamssl.continual.base import Regularizer, Strategy, StrategyPlugin
+from streamssl.continual.factory import build_strategy
 from streamssl.continual.regularizers import EWC, L2SP, MAS, REGULARIZERS
 from streamssl.continual.replay import ReplayBuffer, ReplayPlugin, balanced_quotas
 

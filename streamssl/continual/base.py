@@ -13,8 +13,8 @@ spirit of Avalanche's strategy/plugin split but much smaller. Plugins live on on
 Both kinds checkpoint their state with the segment (driver: ``<ckpt>/<plugin name>/``, worker:
 ``strategy.pt`` written by rank 0), and a restored plugin behaves exactly like an uninterrupted one.
 
-:func:`build_strategy` turns a :class:`~streamssl.config.Config` into a :class:`Strategy` that
-composes whatever is configured (``replay.size > 0`` and/or ``regularization.method``), so
+:func:`~streamssl.continual.factory.build_strategy` turns a config into a :class:`Strategy`
+that composes whatever is configured (``replay.size > 0`` and/or ``regularization.method``), so
 replay + MAS is simply both plugins at once.
 """
 
@@ -25,15 +25,12 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from streamssl.config import Config
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -354,29 +351,3 @@ def take(batches: Batches, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
         yield item
         if i + 1 >= max_batches:
             return
-
-
-def build_strategy(cfg: Config) -> Strategy:
-    """Compose the plugins a config asks for: replay (``replay.size > 0``) and/or a regularizer.
-
-    ``strategy: joint`` (a fresh model on segments 0..t) and ``cumulative`` (segments 0..t from
-    t-1's weights) train on all segments so far (the driver reads them itself) and take no
-    plugins; combining them with replay or a regularizer is rejected rather than silently ignored.
-    """
-    from streamssl.continual.regularizers import REGULARIZERS
-    from streamssl.continual.replay import ReplayBuffer, ReplayPlugin
-
-    reg = cfg.regularization
-    if cfg.strategy in ("joint", "cumulative"):
-        if cfg.replay.size > 0 or reg.method != "none":
-            raise ValueError(f"strategy {cfg.strategy!r} already trains on all past data: set replay.size=0 and "
-                             "regularization.method=none")
-        return Strategy([], base=cfg.strategy)
-    plugins: list[StrategyPlugin] = []
-    if cfg.replay.size > 0:
-        plugins.append(ReplayPlugin(ReplayBuffer(cfg.replay.size, cfg.replay.policy, seed=cfg.seed)))
-    if reg.method != "none":
-        if reg.method not in REGULARIZERS:
-            raise ValueError(f"regularization.method {reg.method!r}; allowed: none, {', '.join(REGULARIZERS)}")
-        plugins.append(REGULARIZERS[reg.method](lambda_=reg.lambda_))
-    return Strategy(plugins, base=cfg.strategy)

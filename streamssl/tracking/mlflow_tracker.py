@@ -473,7 +473,7 @@ class MlflowTracker(StreamCallback):
 
     def on_segment_start(self, ctx: StreamContext, segment: int) -> None:
         # Never leave the previous segment's run id where the workers would log to it.
-        ctx.extras.pop("mlflow_run_id", None)
+        ctx.tracking.segment_run_id = None
         self._guard("on_segment_start", self._segment_start, ctx, segment)
 
     def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None:
@@ -530,9 +530,9 @@ class MlflowTracker(StreamCallback):
         rf.save()
         _LIVE_TRACKERS.add(self)
 
-        ctx.extras["mlflow_parent_run_id"] = parent
-        ctx.extras["mlflow_tracking_uri"] = uri
-        ctx.extras["mlflow_experiment_id"] = exp_id
+        ctx.tracking.stream_run_id = parent
+        ctx.tracking.tracking_uri = uri
+        ctx.tracking.experiment_id = exp_id
 
         sha, dirty = git_sha()
         tags: dict[str, Any] = {
@@ -549,7 +549,7 @@ class MlflowTracker(StreamCallback):
         }
         if sha:
             tags.update({"git_sha": sha, MLFLOW_GIT_COMMIT: sha, "git_dirty": str(dirty).lower()})
-        sweep = ctx.extras.get("mlflow_sweep_run_id")
+        sweep = ctx.tracking.outer_run_id
         if sweep:
             tags[MLFLOW_PARENT_RUN_ID] = sweep
         changed = _log_new_params(client, parent, flatten_params(cfg.to_dict()))
@@ -594,8 +594,8 @@ class MlflowTracker(StreamCallback):
         rf.segments[key] = {"run_id": run_id, "status": "RUNNING", "attempts": attempts}
         rf.save()
         self._open_segment = key
-        ctx.extras["mlflow_run_id"] = run_id
-        ctx.extras["mlflow_tracking_uri"] = self.tracking_uri
+        ctx.tracking.segment_run_id = run_id
+        ctx.tracking.tracking_uri = self.tracking_uri
 
         params = {"segment": str(t), "num_segments": str(ctx.num_segments), "strategy": cfg.strategy,
                   "replay.size": str(cfg.replay.size), "regularization.method": cfg.regularization.method,
@@ -739,7 +739,7 @@ class MlflowTracker(StreamCallback):
         uri = log_encoder(self.client, self.tracking_uri, self.experiment_id, self.parent_run_id,  # type: ignore[arg-type]
                           model, (2, channels, size, size), serialization_format=self.model_format)
         self.model_uri = uri
-        ctx.extras["mlflow_encoder_model_uri"] = uri
+        ctx.tracking.encoder_model_uri = uri
         self.client.set_tag(self.parent_run_id, "encoder_model_uri", uri)  # type: ignore[union-attr]
         self.client.set_tag(self.parent_run_id, "encoder_checkpoint", last.checkpoint_dir)  # type: ignore[union-attr]
 

@@ -13,6 +13,23 @@ from streamssl.config import Config
 
 
 @dataclass
+class TrackingIds:
+    """Where a tracking callback logs, for the other parts of the stream to use.
+
+    The MLflow callback fills these; the driver hands ``segment_run_id`` + ``tracking_uri`` to the
+    workers (rank 0 logs per-step metrics there); a sweep or study sets ``outer_run_id`` so the
+    stream run nests under it. All None when tracking is off.
+    """
+
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    outer_run_id: str | None = None  # sweep / study run above the stream run
+    stream_run_id: str | None = None
+    segment_run_id: str | None = None  # the segment being trained now
+    encoder_model_uri: str | None = None  # the final encoder, logged as an MLflow model
+
+
+@dataclass
 class StreamContext:
     """What the driver knows about the stream run; shared with every callback."""
 
@@ -24,9 +41,8 @@ class StreamContext:
     dataset_meta: dict[str, Any]  # dataset.json
     plan_meta: dict[str, Any]  # stream.json
     resumed: bool = False
-    # Free-form slots callbacks may fill for each other, e.g. the MLflow child run id that rank 0
-    # logs per-step metrics to (key "mlflow_run_id") or the parent run id (key "mlflow_parent_run_id").
-    extras: dict[str, Any] = field(default_factory=dict)
+    completed: int = 0  # segments already done when this (possibly resumed) run started
+    tracking: TrackingIds = field(default_factory=TrackingIds)
 
 
 @dataclass

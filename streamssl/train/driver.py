@@ -232,7 +232,8 @@ class StreamRunner:
             strategy.load_driver_state(Path(completed[-1]["checkpoint"]))
         ctx = StreamContext(config=cfg, run_dir=str(run_dir), dataset_dir=cfg.data.dataset_dir,
                             plan_dir=str(run_dir / "plan"), num_segments=num_segments,
-                            dataset_meta=dataset_meta, plan_meta=plan_meta, resumed=bool(completed) or self.resume)
+                            dataset_meta=dataset_meta, plan_meta=plan_meta, resumed=bool(completed) or self.resume,
+                            completed=len(completed))
         self._emit("on_stream_start", ctx)
         results = [_result_from_state(c) for c in completed]
         t_stream = time.perf_counter()
@@ -288,15 +289,15 @@ class StreamRunner:
             datasets["replay"] = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=channels)
 
         # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its latest
-        # in-segment checkpoint; a fresh attempt gets a fresh name (see STACK.md).
+        # in-segment checkpoint; a fresh attempt gets a fresh name (see docs/stack-notes.md).
         ip = state.get("in_progress")
         name = ip["ray_run_name"] if ip and ip.get("segment") == t else f"segment-{t:03d}-{uuid.uuid4().hex[:6]}"
         state["in_progress"] = {"segment": t, "ray_run_name": name}
         write_state(run_dir, state)
 
         mlflow_spec = None
-        if "mlflow_run_id" in ctx.extras and "mlflow_tracking_uri" in ctx.extras:
-            mlflow_spec = {"run_id": ctx.extras["mlflow_run_id"], "tracking_uri": ctx.extras["mlflow_tracking_uri"]}
+        if ctx.tracking.segment_run_id and ctx.tracking.tracking_uri:
+            mlflow_spec = {"run_id": ctx.tracking.segment_run_id, "tracking_uri": ctx.tracking.tracking_uri}
         loop_cfg = {"config": cfg.to_dict(), "segment": t, "total_steps": total_steps,
                     "own_per_batch": bp.own_per_batch, "replay_per_batch": bp.replay_per_batch,
                     "init_checkpoint": prev, "mlflow": mlflow_spec}

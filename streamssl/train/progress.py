@@ -16,7 +16,7 @@ class ProgressPrinter(StreamCallback):
     def on_stream_start(self, ctx: StreamContext) -> None:
         from tqdm import tqdm
 
-        done = sum(1 for _ in (ctx.extras.get("completed") or []))
+        done = ctx.completed
         self.t0 = time.perf_counter()
         self.bar = tqdm(total=ctx.num_segments, initial=done, desc="segments", unit="seg", file=sys.stdout,
                         dynamic_ncols=True, leave=True)

@@ -143,7 +143,7 @@ class _SweepParent(StreamCallback):
 
     def on_stream_start(self, ctx: StreamContext) -> None:
         if self.sweep_run_id:
-            ctx.extras["mlflow_sweep_run_id"] = self.sweep_run_id
+            ctx.tracking.outer_run_id = self.sweep_run_id
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, tracking_uri: str | None,
@@ -177,7 +177,7 @@ def _check_fits(cfg: Config) -> None:
     """Warn when concurrent trials (driver + Ray Train workers) leave no whole CPU for Ray Data.
 
     Over-subscribing does not fail: Ray Train waits for its workers, or Ray Data for a CPU to
-    read on, with no error (see STACK.md). A warning, not an error: an autoscaling cluster grows.
+    read on, with no error (see docs/stack-notes.md). A warning, not an error: an autoscaling cluster grows.
     """
     import ray
 
