@@ -49,7 +49,8 @@ def encode(model, images: torch.Tensor, transform, batch: int = 1000) -> np.ndar
 
 
 def run_recipe(name: str, overrides: list[str], args, probe) -> dict:
-    from streamssl.data.streams import load_plan, make_plan
+    from streamssl.data.plan import load_plan
+    from streamssl.data.protocols import make_plan
     from streamssl.evaluate.knn import knn_classify
     from streamssl.ssl import build_augment, build_method
     from streamssl.ssl.augment import eval_transform

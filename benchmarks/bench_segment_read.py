@@ -102,7 +102,8 @@ def main() -> None:
     import ray
 
     from streamssl.data.segments import locate
-    from streamssl.data.streams import make_plan, load_plan
+    from streamssl.data.plan import load_plan
+    from streamssl.data.protocols import make_plan
 
     dataset = ensure_dataset(a.dataset)
     plan_dir = os.path.join(tempfile.mkdtemp(prefix="bench-plan-"), "plan")

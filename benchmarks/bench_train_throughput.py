@@ -43,7 +43,7 @@ def full_path(cfg_overrides: list[str], run_dir: Path) -> list[dict[str, float]]
 
 def bare_loop(cfg_overrides: list[str], run_dir: Path, threads: int) -> dict[str, float]:
     from streamssl.data.segments import read_rows_local
-    from streamssl.data.streams import load_plan
+    from streamssl.data.plan import load_plan
     from streamssl.ssl import build_augment, build_method
     from streamssl.train.driver import segment_rows
     from streamssl.train.worker import build_optimizer

@@ -34,7 +34,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
-    from streamssl.data.streams import make_plan
+    from streamssl.data.protocols import make_plan
 
     meta = make_plan(a.dataset, a.protocol, a.segments, a.seed, grouping_file=a.grouping, window=a.window,
                      out_dir=a.out)
@@ -56,7 +56,8 @@ def _config(a: argparse.Namespace) -> Any:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from streamssl.train.driver import StreamRunner, default_callbacks
+    from streamssl.assemble import default_callbacks
+    from streamssl.train.driver import StreamRunner
     from streamssl.train.progress import ProgressPrinter
 
     cfg = _config(a)
@@ -67,19 +68,22 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
-    from streamssl.train.driver import default_callbacks, resume
+    from streamssl.assemble import default_callbacks
+    from streamssl.run.layout import RunLayout
+    from streamssl.train.driver import resume
     from streamssl.train.progress import ProgressPrinter
 
-    cfg = load_config(Path(a.run_dir) / "config.yaml")
+    cfg = load_config(RunLayout(a.run_dir).config)
     resume(a.run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])
     print(f"run directory: {Path(a.run_dir).resolve()}")
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    from streamssl.assemble import default_callbacks
     from streamssl.train.demo import run_demo
 
-    return run_demo(a.config or str(DEFAULT_CONFIG), a.overrides, run_dir=a.run_dir)
+    return run_demo(a.config or str(DEFAULT_CONFIG), a.overrides, run_dir=a.run_dir, callbacks_for=default_callbacks)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from streamssl.config import Config, SSLConfig
-from streamssl.train import checkpoint as ck
+from streamssl.config import SSLConfig
+from streamssl.run import checkpoint as ck
+from streamssl.run.config_file import config_for_checkpoint
 
 
 @dataclass(frozen=True)
@@ -73,16 +74,6 @@ def _build(ssl_cfg: SSLConfig, image_size: int, channels: int, backbone_state: d
     return FrozenEncoder(backbone, spec, backbone.out_dim)
 
 
-def _config_for(ckpt_dir: Path) -> Config:
-    # A segment checkpoint lives in <run_dir>/checkpoints/segment-XXX; the run's config is two up.
-    for cand in (ckpt_dir / "config.yaml", ckpt_dir.parent.parent / "config.yaml"):
-        if cand.is_file():
-            from streamssl.config import load_config
-
-            return load_config(cand)
-    raise FileNotFoundError(f"{ckpt_dir}: cannot find the run's config.yaml next to the checkpoint")
-
-
 def load_encoder(path: str | Path) -> FrozenEncoder:
     """Load a frozen encoder from a run dir, a segment checkpoint, or an exported ``.pt`` file."""
     p = Path(path)
@@ -94,7 +85,7 @@ def load_encoder(path: str | Path) -> FrozenEncoder:
         ssl_cfg = SSLConfig.model_validate(json.loads(blob["ssl"]))
         return _build(ssl_cfg, spec["image_size"], spec["channels"], blob["backbone"])
     ckpt = ck.resolve_checkpoint(p)
-    cfg = _config_for(ckpt)
+    cfg = config_for_checkpoint(ckpt)
     state = ck.load_tensors(ckpt / ck.MODEL_FILE)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     return _build(cfg.ssl, cfg.data.image_size, cfg.data.channels, backbone_state)
@@ -104,7 +95,7 @@ def export_encoder(path: str | Path, out: str | Path) -> Path:
     """Write a single self-describing file (tensors + JSON strings; loads with weights_only=True)."""
     enc = load_encoder(path)
     ckpt = ck.resolve_checkpoint(Path(path)) if not Path(path).is_file() else None
-    ssl_json = _config_for(ckpt).ssl.model_dump_json() if ckpt else json.dumps({})
+    ssl_json = config_for_checkpoint(ckpt).ssl.model_dump_json() if ckpt else json.dumps({})
     blob = {"backbone": enc.backbone.state_dict(), "spec": json.dumps(asdict(enc.input_spec)), "ssl": ssl_json}
     ck.save_tensors(blob, out)
     return Path(out)

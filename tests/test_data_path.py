@@ -14,7 +14,8 @@ import torch
 from streamssl.config import ConfigError, config_from_dict
 from streamssl.continual import build_strategy
 from streamssl.ssl import build_augment
-from streamssl.train import checkpoint as ck
+from streamssl.run import checkpoint as ck
+from streamssl.run.records import SegmentResult
 from streamssl.train.driver import batch_plan, segment_training_plan
 from streamssl.train.worker import (
     BatchSource,
@@ -34,8 +35,8 @@ def _cfg(**kw: object):
     return config_from_dict({"ssl": SMALL_SSL, **kw})
 
 
-def _completed(t: int) -> list[dict]:
-    return [{"segment": s, "checkpoint": f"/runs/x/checkpoints/segment-{s:03d}"} for s in range(t)]
+def _completed(t: int) -> list[SegmentResult]:
+    return [SegmentResult(s, f"/runs/x/checkpoints/segment-{s:03d}", None, 1, 0, {}) for s in range(t)]
 
 
 # --------------------------------------------------------------------------- joint / cumulative

@@ -21,7 +21,7 @@ from streamssl.data.derived_domains import (
     apply_transform,
 )
 from streamssl.data.ingest import IngestError, IngestWarning, ingest
-from streamssl.data.streams import make_plan
+from streamssl.data.protocols import make_plan
 from synthetic import class_pattern, make_idx_dir, make_image_folder, make_manifest
 
 SPEC = "original,rotate90,invert,blur_noise"

@@ -28,7 +28,7 @@ from streamssl.evaluate.after_segment import (
 )
 from streamssl.export import load_encoder
 from streamssl.ssl import build_augment, build_method
-from streamssl.train import checkpoint as ck
+from streamssl.run import checkpoint as ck
 from tests.synthetic import make_image_folder
 
 CLASSES = [f"c{i}" for i in range(4)]
@@ -86,7 +86,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path, Path]:
         d = run_dir / "checkpoints" / f"segment-{t:03d}"
         d.mkdir(parents=True)
         ck.save_tensors(model.state_dict(), d / ck.MODEL_FILE)
-        ck.write_json_atomic(d / ck.META_FILE, {"segment": t, "step": 3 * t, "final": True})
+        ck.write_meta(d, {"segment": t, "step": 3 * t, "final": True})
         ckpts.append(d)
     return cfg, ckpts[0], ckpts[1]
 

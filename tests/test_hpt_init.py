@@ -9,7 +9,7 @@ from torchvision.models import resnet18
 
 from streamssl.config import config_from_dict
 from streamssl.ssl import build_method
-from streamssl.train import checkpoint as ck
+from streamssl.run import checkpoint as ck
 from streamssl.train.initialization import apply_bn_only, load_hpt_init, load_initial_weights
 
 

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 
 from streamssl.data import ingest as ingest_mod
-from streamssl.data import layout, sources
+from streamssl.data import layout
 from streamssl.data.images import BadImage, decode_to_array, probe_image
 from streamssl.data.ingest import IngestError, IngestWarning, ingest
 from streamssl.data.sources import FashionMNISTSource, FolderSource, ManifestSource, Record, Source
+from streamssl.data.sources import fashion_mnist as sources  # the module whose constants the tests read and patch
 from synthetic import (
     T0,
     bomb_png,

@@ -37,7 +37,8 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     import streamssl
     from streamssl.config import load_config
     from streamssl.tracking.plots import PLOT_FILES
-    from streamssl.train.driver import StreamRunner, default_callbacks
+    from streamssl.assemble import default_callbacks
+    from streamssl.train.driver import StreamRunner
 
     monkeypatch.setenv("STREAMSSL_TRACKING_STRICT", "1")  # a tracking error fails the test, not a warning
     experiment = f"lineage-e2e-{tmp_path.name}"

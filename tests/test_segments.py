@@ -18,7 +18,8 @@ import pytest
 from streamssl.data import segments as S
 from streamssl.data.images import decode_to_array
 from streamssl.data.ingest import ingest
-from streamssl.data.streams import load_plan, make_plan
+from streamssl.data.plan import load_plan
+from streamssl.data.protocols import make_plan
 from tests.synthetic import make_image_folder
 
 CLASSES6 = tuple(f"c{i}" for i in range(6))

@@ -16,16 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from streamssl.data.ingest import ingest
-from streamssl.data.streams import (
-    PLAN_SCHEMA,
-    StreamError,
-    cluster_classes,
-    groups_from_spec,
-    load_plan,
-    make_plan,
-    parse_window,
-    shard_grouped_order,
-)
+from streamssl.data.class_grouping import cluster_classes, groups_from_spec
+from streamssl.data.plan import PLAN_SCHEMA, StreamError, load_plan, shard_grouped_order
+from streamssl.data.protocols import make_plan, parse_window
 from tests.synthetic import make_image_folder, make_manifest, write_idx
 
 CLASSES10 = tuple(f"c{i}" for i in range(10))

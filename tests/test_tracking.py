@@ -542,3 +542,20 @@ def test_encoder_features_on_probe_images() -> None:
     feats = encoder_features(images, loader=loader, batch_size=2)("some/run")
     assert loaded == ["some/run"] and feats.shape == (5, 4)
     np.testing.assert_allclose(feats, TinyEncoder()(torch.from_numpy(images).float() / 255.0).detach().numpy(), rtol=1e-5)
+
+
+def test_experiment_opens_in_the_model_training_view(tmp_path: Path) -> None:
+    """MLflow 3's UI reads ``mlflow.experimentKind``; without it an experiment may open on the GenAI
+    traces overview. New experiments get the tag, and so do existing ones that lack it."""
+    from mlflow.tracking import MlflowClient
+
+    from streamssl.tracking.mlflow_tracker import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    new = ensure_experiment(client, "fresh", uri)
+    assert client.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND == "custom_model_development"
+    old = client.create_experiment("made-elsewhere")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    assert ensure_experiment(client, "made-elsewhere", uri) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND

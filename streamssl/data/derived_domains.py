@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from streamssl.data.sources import IngestError, Record
+from streamssl.data.sources.base import IngestError, Record
 
 FLAG = "--derive-domains"
 # ImageNet-C level-1 parameters (Hendrycks & Dietterich, 2019), in pixels and 0-255 units.

@@ -12,7 +12,7 @@ task (``ray.data.from_items`` of task descriptors, one block each). A task opens
 its rows live in, reads only the row groups that hold them (from the Parquet footer) and takes the
 rows; a batched ``map_batches`` then decodes them (Ray fuses the two steps into one task per
 descriptor, so encoded bytes never pass through the object store). Shards that hold none of the
-rows are never opened. Plans use a shard-grouped shuffle (see :mod:`streamssl.data.streams`), so a segment is a
+rows are never opened. Plans use a shard-grouped shuffle (see :mod:`streamssl.data.plan`), so a segment is a
 handful of long runs and each task is one sequential read of a few row groups.
 
 Ordering. With ``DataContext.execution_options.preserve_order = True`` (set by
@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamssl.data import layout
+from streamssl.data.plan import load_plan, shard_grouped_order
 
 if TYPE_CHECKING:
     import ray.data
@@ -99,8 +100,6 @@ def read_segments(
     given order, unless ``shuffle_seed`` is set: then their union is re-ordered with the same
     shard-grouped shuffle the plans use, so segments mix (joint training on segments 0..t).
     """
-    from streamssl.data.streams import load_plan, shard_grouped_order
-
     if isinstance(plan, str):
         plan, _ = load_plan(plan)
     segs = [int(segments)] if isinstance(segments, (int, np.integer)) else [int(s) for s in segments]

@@ -175,7 +175,7 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
 
     from streamssl.evaluate.sharpness import estimate_sharpness
     from streamssl.ssl import build_augment, build_method
-    from streamssl.train import checkpoint as ck
+    from streamssl.run import checkpoint as ck
 
     bs = min(cfg.optim.batch_size, SHARPNESS_MAX_BATCH, len(images) // batches)
     if bs < 2:
@@ -230,11 +230,13 @@ def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str
     """``streamssl eval``: evaluate a run dir or segment checkpoint (optionally on another dataset)."""
     import ray
 
-    from streamssl.export import _config_for, load_encoder
-    from streamssl.train import checkpoint as ck
+    from streamssl.export import load_encoder
+    from streamssl.run import checkpoint as ck
+    from streamssl.run.config_file import config_for_checkpoint
+    from streamssl.run.layout import RunLayout
 
     ckpt = ck.resolve_checkpoint(path)
-    cfg = _config_for(ckpt)
+    cfg = config_for_checkpoint(ckpt)
     if overrides:
         cfg = _with_overrides(cfg, overrides)
     if data_dir:
@@ -242,7 +244,7 @@ def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str
     if not ray.is_initialized():
         ray.init(address=cfg.scaling.ray_address, include_dashboard=False, configure_logging=False)
     plan_meta = None
-    plan_json = ckpt.parent.parent / "plan" / "stream.json"
+    plan_json = RunLayout.of_checkpoint(ckpt).plan_meta
     if plan_json.is_file() and not data_dir:
         import json
 

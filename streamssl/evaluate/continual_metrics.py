@@ -134,3 +134,11 @@ def continual_summary(A: Matrix, baseline: Sequence[float] | None = None, *, pre
     if baseline is not None:
         out[f"{prefix}fwt"] = forward_transfer(A, baseline)
     return out
+
+
+def forgetting_and_accuracy(A: np.ndarray) -> tuple[float, float]:
+    """(average forgetting, average accuracy) of one matrix, NaN for a matrix with no value:
+    what ``results.json``, reports and logged stream metrics all show, so they agree."""
+    if np.isnan(A).all():
+        return float("nan"), float("nan")
+    return average_forgetting(A), average_accuracy(A)

@@ -50,8 +50,11 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
                  tracking_uri: str | None, study_run_id: str | None) -> None:
     from ray import tune
 
-    from streamssl.tracking.report import RESULTS_FILE, write_json_atomic
-    from streamssl.train.driver import StreamRunner, default_callbacks, read_state
+    from streamssl.assemble import default_callbacks
+    from streamssl.run.jsonio import write_json_atomic
+    from streamssl.run.results import has_results
+    from streamssl.run.state import read_state
+    from streamssl.train.driver import StreamRunner
     from streamssl.tune.sweep import _SweepParent, _TuneReporter
 
     cell = _cell_from_dict(cells[params["cell"]])
@@ -69,10 +72,10 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
         metrics = json.loads(out.read_text())["metrics"]
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return
-    if (run_dir / RESULTS_FILE).is_file():  # finished before a restart: report, never retrain
+    if has_results(run_dir):  # finished before a restart: report, never retrain
         _report_final(run_dir)
         return
-    resumed = bool(read_state(run_dir)["completed"])
+    resumed = bool(read_state(run_dir).completed)
     callbacks = [_SweepParent(study_run_id), *default_callbacks(cfg), _TuneReporter()]
     StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
 
@@ -133,7 +136,7 @@ def add_cka_to_joint(cells: list[Cell], outcomes: list[CellOutcome]) -> None:
 def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, cka: bool = True) -> dict[str, Any]:
     """Table, figures and summary from the cells' run directories (callable again at any time)."""
     from streamssl.study.plots import render_study_plots
-    from streamssl.tracking.report import write_json_atomic
+    from streamssl.run.jsonio import write_json_atomic
 
     sdir = Path(study_dir)
     outcomes = collect_outcomes(cells, sdir)
@@ -157,7 +160,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     import ray
     from ray import tune
 
-    from streamssl.tracking.report import write_json_atomic
+    from streamssl.run.jsonio import write_json_atomic
     from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams
 
     spec, cells = load_study(path, overrides)

@@ -68,7 +68,8 @@ def _f(x: Any) -> float:
 
 def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
     """The cell's outcome from its run directory; None while the cell has not finished."""
-    from streamssl.tracking.report import RESULTS_FILE, read_results
+    from streamssl.run.results import has_results
+    from streamssl.tracking.report import read_results
 
     d = Path(run_dir)
     if cell.strategy == RANDOM_INIT:
@@ -80,7 +81,7 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
         return CellOutcome(cell.protocol, cell.strategy, cell.seed,
                            final={k: _f(m.get(f"eval/{k}_acc")) for k in PROBES}, images_processed=0.0,
                            wall_s=_f(doc.get("eval_s")), run_dir=str(d))
-    if not (d / RESULTS_FILE).is_file():
+    if not has_results(d):
         return None
     run = read_results(d)
     final = run.final_metrics

@@ -59,20 +59,18 @@ from mlflow.utils.validation import (
 
 from streamssl.config import Config
 from streamssl.train.callbacks import SegmentResult, StreamCallback, StreamContext
-from streamssl.tracking.report import (
-    accuracy_matrices,
-    forgetting_and_accuracy,
-    images_processed,
-    result_from_dict,
-    result_to_dict,
-    write_json_atomic,
-)
+from streamssl.run.jsonio import write_json_atomic
+from streamssl.run.layout import META_FILE, MLFLOW_ARTIFACTS_DIR, RunLayout
+from streamssl.run.records import result_from_dict, result_to_dict
+from streamssl.run.results import accuracy_matrices, images_processed
+from streamssl.tracking.report import forgetting_and_accuracy
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "mlflow_run.json"
-ARTIFACT_DIR_NAME = "mlartifacts"
 STRICT_ENV = "STREAMSSL_TRACKING_STRICT"
+# The experiment tag MLflow's UI reads to choose its view (values from the MLflow 3 UI bundle).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 # Parent-run metrics per segment (step = segment index); the rest stay on the segment run.
 HEADLINE_METRICS = ("train/loss", "train/images_per_s", "train/images_seen", "time/fit_s", "time/eval_s",
                     "data/segment_images", "data/replay_rows")
@@ -86,7 +84,7 @@ _GLOBAL_URI_LOCK = threading.Lock()
 
 def default_tracking_uri(run_dir: str | Path) -> str:
     """SQLite file in the run directory (MLflow's file store is deprecated)."""
-    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{RunLayout(Path(run_dir).resolve()).mlflow_db}"
 
 
 def resolve_tracking_uri(cfg: Config, run_dir: str | Path) -> str:
@@ -112,24 +110,29 @@ def local_artifact_root(tracking_uri: str) -> str | None:
     db = unquote(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
     if not db or db == ":memory:":
         return None
-    return (Path(db).resolve().parent / ARTIFACT_DIR_NAME).as_uri()
+    return (Path(db).resolve().parent / MLFLOW_ARTIFACTS_DIR).as_uri()
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     """Id of experiment ``name``, created (or restored from deleted) when needed.
 
-    Concurrent Tune trials may race to create it; the loser reads the winner's.
+    Concurrent Tune trials may race to create it; the loser reads the winner's. The experiment is
+    marked as model training (``EXPERIMENT_KIND_TAG``): without the tag MLflow 3's UI may infer a
+    GenAI experiment and open on its traces overview, with the runs one click away.
     """
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri))
+            return client.create_experiment(name, artifact_location=local_artifact_root(tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return exp.experiment_id
 
 
@@ -256,7 +259,7 @@ class _RunFile:
     finished segment reported (so plots survive a restart of the driver)."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / RUN_FILE
+        self.path = RunLayout(run_dir).mlflow_run
         self.data: dict[str, Any] = {}
 
     def load(self) -> dict[str, Any] | None:
@@ -666,7 +669,7 @@ class MlflowTracker(StreamCallback):
             "checkpoint": result.checkpoint_dir,
             "previous_segment_run_id": prev.get("run_id"),
         })
-        meta = Path(result.checkpoint_dir) / "meta.json"
+        meta = Path(result.checkpoint_dir) / META_FILE
         if meta.is_file():
             client.log_artifact(run_id, str(meta), "checkpoint")
         if prev.get("run_id"):
@@ -720,7 +723,7 @@ class MlflowTracker(StreamCallback):
                 self._guard("on_stream_end", self._log_parent_metrics, r.segment, results)
         if results and self.plots_enabled:  # final plots from the driver's complete list
             self._log_plots(results)
-        results_file = Path(ctx.run_dir) / "results.json"
+        results_file = RunLayout(ctx.run_dir).results
         if results_file.is_file():
             client.log_artifact(self.parent_run_id, str(results_file))
         if self.log_model_enabled and results:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from streamssl.train.callbacks import SegmentResult
+from streamssl.run.records import SegmentResult
 from streamssl.tracking.report import accuracy_matrices, forgetting_and_accuracy
 
 ACC_METRIC = re.compile(r"^eval/(?!.*_seg\d+$).+_acc$")  # eval/knn_acc, not eval/knn_acc_seg3

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamssl.config import Config
+from streamssl.run.records import SegmentResult  # the run directory's record; every hook receives it
+
+__all__ = ["SegmentResult", "StreamCallback", "StreamContext", "TrackingIds"]
 
 
 @dataclass
@@ -43,22 +46,6 @@ class StreamContext:
     resumed: bool = False
     completed: int = 0  # segments already done when this (possibly resumed) run started
     tracking: TrackingIds = field(default_factory=TrackingIds)
-
-
-@dataclass
-class SegmentResult:
-    """Outcome of one segment: where its checkpoint is and what was measured."""
-
-    segment: int
-    checkpoint_dir: str  # completed, atomically written segment checkpoint
-    parent_checkpoint: str | None  # checkpoint this segment started from (None = random/HPT init)
-    num_images: int  # images of this segment (without replay rows)
-    num_replay_images: int
-    metrics: dict[str, float]  # train/*, time/*, eval/* (flat, slash-separated names)
-    classes: list[str] = field(default_factory=list)
-    domains: list[str] = field(default_factory=list)
-    step_metrics_file: str | None = None  # JSONL of per-step metrics from rank 0
-    accuracy_row: dict[str, list[float]] = field(default_factory=dict)  # metric -> acc on segment i<=t..
 
 
 class StreamCallback:

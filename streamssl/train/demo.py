@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from streamssl.config import load_config
+from streamssl.config import Config, load_config
+from streamssl.train.callbacks import StreamCallback
 
 
 def results_table(results: list, baseline: dict[str, float] | None) -> str:
@@ -31,9 +33,13 @@ def results_table(results: list, baseline: dict[str, float] | None) -> str:
     return "\n".join(lines)
 
 
-def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None) -> int:
+def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None, *,
+             callbacks_for: Callable[[Config], Sequence[StreamCallback]] = lambda cfg: ()) -> int:
+    """Run the demo; ``callbacks_for(cfg)`` adds callbacks next to the progress bar (the CLI passes
+    :func:`streamssl.assemble.default_callbacks`, i.e. MLflow tracking)."""
     from streamssl.evaluate.after_segment import evaluate_random_init
-    from streamssl.train.driver import StreamRunner, default_callbacks
+    from streamssl.run.layout import RunLayout
+    from streamssl.train.driver import StreamRunner
     from streamssl.train.progress import ProgressPrinter
 
     cfg = load_config(config_path, overrides)
@@ -47,11 +53,12 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None)
           f"{cfg.scaling.zero_stage}), replay {cfg.replay.size}, regularization {cfg.regularization.method}",
           flush=True)
     t0 = time.perf_counter()
-    runner = StreamRunner(cfg, run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])
+    runner = StreamRunner(cfg, run_dir, callbacks=[ProgressPrinter(), *callbacks_for(cfg)])
     results = runner.run()
     baseline = evaluate_random_init(cfg) if cfg.eval.enabled else None
     wall = time.perf_counter() - t0
     rd = Path(runner.run_dir)
+    run = RunLayout(rd)
     print()
     print(results_table(results, baseline))
     print()
@@ -62,11 +69,11 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None)
               f"({verdict} the same encoder at random init: {baseline['eval/knn_acc']:.4f})")
     print(f"wall time: {wall:.0f} s")
     print(f"run directory: {rd}")
-    print(f"  checkpoints:  {rd / 'checkpoints'}")
-    print(f"  results:      {rd / 'results.json'}")
+    print(f"  checkpoints:  {run.checkpoints_dir}")
+    print(f"  results:      {run.results}")
     if cfg.tracking.enabled and not cfg.tracking.tracking_uri:
         venv_bin = Path(sys.executable).parent
         print("open the MLflow UI on these results with:")
-        print(f"  {venv_bin / 'mlflow'} ui --backend-store-uri sqlite:///{rd / 'mlflow.db'} "
+        print(f"  {venv_bin / 'mlflow'} ui --backend-store-uri sqlite:///{run.mlflow_db} "
               f"--host 127.0.0.1 --port 5000")
     return 0

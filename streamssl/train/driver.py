@@ -4,22 +4,12 @@ The driver owns everything that is bookkeeping rather than math: the run directo
 plan, which rows each segment trains on and which weights it starts from
 (:func:`segment_training_plan`), how each per-worker batch splits into own and replay rows
 (:func:`batch_plan`), the replay buffer, publishing checkpoints, evaluation, and the
-``state.json`` that makes a killed run resumable from its last completed segment.
-
-Run directory::
-
-    config.yaml          resolved config
-    plan/                copy of stream.parquet + stream.json
-    state.json           completed segments (checkpoint paths, metrics); the resume point
-    checkpoints/segment-000/ ...
-    ray/                 Ray Train storage (in-segment checkpoints, worker logs)
-    results.json         per-segment results for reports
-    mlflow.db, mlartifacts/   tracking (when enabled)
+``state.json`` that makes a killed run resumable from its last completed segment. What the run
+directory holds and how its files are written is :mod:`streamssl.run`'s business.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,39 +17,24 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streamssl.config import Config, load_config
-from streamssl.train import checkpoint as ck
-from streamssl.train.callbacks import SegmentResult, StreamCallback, StreamContext
+from streamssl.config import Config
+from streamssl.run import checkpoint as ck
+from streamssl.run.config_file import load_run_config, save_run_config
+from streamssl.run.jsonio import float_or_nan
+from streamssl.run.layout import RunLayout, new_run_dir, segment_name
+from streamssl.run.records import SegmentResult
+from streamssl.run.state import RunState, read_state, write_state
+from streamssl.train.callbacks import StreamCallback, StreamContext
 
-STATE_FILE = "state.json"
-
-
-# --------------------------------------------------------------------------- run directory
-
-
-def new_run_dir(cfg: Config) -> Path:
-    if cfg.run_dir:
-        return Path(cfg.run_dir).resolve()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path("runs") / f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve()
-
-
-def read_state(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / STATE_FILE
-    if not p.is_file():
-        return {"completed": [], "in_progress": None}
-    return json.loads(p.read_text())
-
-
-def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    ck.write_json_atomic(run_dir / STATE_FILE, state)
+__all__ = ["BatchPlan", "StreamRunner", "batch_plan", "ensure_dataset", "ensure_plan", "new_run_dir",
+           "ray_scaling_config", "read_state", "resume", "segment_rows", "segment_training_plan", "train",
+           "write_state"]
 
 
 # --------------------------------------------------------------------------- data preparation
@@ -92,11 +67,13 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
 
 def ensure_plan(cfg: Config, run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
     """Make (or reuse) the stream plan and keep a copy in the run dir, which is what we train on."""
-    from streamssl.data.streams import load_plan, make_plan
+    from streamssl.data.plan import load_plan
+    from streamssl.data.protocols import make_plan
 
-    plan_dir = run_dir / "plan"
-    if not (plan_dir / "stream.json").is_file():
-        tmp = run_dir / f".plan.tmp-{uuid.uuid4().hex[:6]}"
+    run = RunLayout(run_dir)
+    plan_dir = run.plan_dir
+    if not run.plan_meta.is_file():
+        tmp = run.plan_staging_dir()
         make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
                   grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=str(tmp))
         os.replace(tmp, plan_dir)
@@ -115,7 +92,7 @@ def segment_rows(plan: pa.Table, segments: Sequence[int], cap: int | None) -> pa
 # --------------------------------------------------------------------------- per-segment plan
 
 
-def segment_training_plan(cfg: Config, t: int, completed: Sequence[dict[str, Any]]) -> tuple[list[int], str | None]:
+def segment_training_plan(cfg: Config, t: int, completed: Sequence[SegmentResult]) -> tuple[list[int], str | None]:
     """Which segments segment ``t`` trains on and which checkpoint it starts from (None = fresh).
 
     * ``naive`` (with or without replay / regularizers): segment t only, from t-1's checkpoint.
@@ -124,11 +101,11 @@ def segment_training_plan(cfg: Config, t: int, completed: Sequence[dict[str, Any
       retrain-on-everything upper reference whose cost grows with t.
     * ``cumulative``: segments 0..t, continuing from t-1's checkpoint.
 
-    ``completed`` are the state entries of segments 0..t-1 (``checkpoint`` = its directory).
+    ``completed`` are the results of segments 0..t-1.
     """
     if len(completed) != t:
         raise ValueError(f"segment {t} needs the {t} earlier segments completed, got {len(completed)}")
-    prev = str(completed[-1]["checkpoint"]) if completed else None
+    prev = str(completed[-1].checkpoint_dir) if completed else None
     if cfg.strategy == "joint":
         return list(range(t + 1)), None
     if cfg.strategy == "cumulative":
@@ -213,10 +190,10 @@ class StreamRunner:
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         state = read_state(run_dir)
-        if state["completed"] and not self.resume:
+        if state.completed and not self.resume:
             raise RuntimeError(f"{run_dir} already holds a run; use `streamssl resume {run_dir}`")
         cfg.run_dir = str(run_dir)
-        cfg.save(run_dir / "config.yaml")
+        save_run_config(run_dir, cfg)
         print(f"run directory: {run_dir}", flush=True)
 
         dataset_meta = ensure_dataset(cfg)
@@ -227,21 +204,21 @@ class StreamRunner:
         from streamssl.continual import build_strategy
 
         strategy = build_strategy(cfg)
-        completed: list[dict[str, Any]] = state["completed"]
+        completed = state.completed
         if completed:  # resume: restore driver-side plugin state from the last finished segment
-            strategy.load_driver_state(Path(completed[-1]["checkpoint"]))
+            strategy.load_driver_state(Path(completed[-1].checkpoint_dir))
         ctx = StreamContext(config=cfg, run_dir=str(run_dir), dataset_dir=cfg.data.dataset_dir,
-                            plan_dir=str(run_dir / "plan"), num_segments=num_segments,
+                            plan_dir=str(RunLayout(run_dir).plan_dir), num_segments=num_segments,
                             dataset_meta=dataset_meta, plan_meta=plan_meta, resumed=bool(completed) or self.resume,
                             completed=len(completed))
         self._emit("on_stream_start", ctx)
-        results = [_result_from_state(c) for c in completed]
+        results = list(completed)
         t_stream = time.perf_counter()
         for t in range(len(completed), num_segments):
             result = self._run_segment(ctx, t, plan, strategy, state)
             results.append(result)
-            completed.append(_state_entry(result))
-            state["in_progress"] = None
+            completed.append(result)
+            state.in_progress = None
             write_state(run_dir, state)
             self._emit("on_segment_end", ctx, result)
         _write_results(run_dir, results, wall_s=time.perf_counter() - t_stream)
@@ -250,7 +227,7 @@ class StreamRunner:
         return results
 
     def _run_segment(self, ctx: StreamContext, t: int, plan: pa.Table, strategy: Any,
-                     state: dict[str, Any]) -> SegmentResult:
+                     state: RunState) -> SegmentResult:
         from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
 
@@ -259,7 +236,7 @@ class StreamRunner:
         cfg, run_dir = self.cfg, self.run_dir
         t_segment = time.perf_counter()
         self._emit("on_segment_start", ctx, t)
-        train_segments, prev = segment_training_plan(cfg, t, state["completed"])
+        train_segments, prev = segment_training_plan(cfg, t, state.completed)
         multi = len(train_segments) > 1  # joint / cumulative: segments 0..t
         own_rows = segment_rows(plan, [t], cfg.stream.max_images_per_segment)
         train_rows = segment_rows(plan, train_segments, cfg.stream.max_images_per_segment) if multi else own_rows
@@ -290,9 +267,9 @@ class StreamRunner:
 
         # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its latest
         # in-segment checkpoint; a fresh attempt gets a fresh name (see docs/stack-notes.md).
-        ip = state.get("in_progress")
-        name = ip["ray_run_name"] if ip and ip.get("segment") == t else f"segment-{t:03d}-{uuid.uuid4().hex[:6]}"
-        state["in_progress"] = {"segment": t, "ray_run_name": name}
+        ip = state.in_progress
+        name = ip["ray_run_name"] if ip and ip.get("segment") == t else f"{segment_name(t)}-{uuid.uuid4().hex[:6]}"
+        state.in_progress = {"segment": t, "ray_run_name": name}
         write_state(run_dir, state)
 
         mlflow_spec = None
@@ -310,7 +287,7 @@ class StreamRunner:
             dataset_config=DataConfig(datasets_to_split="all"),
             run_config=RunConfig(
                 name=name,
-                storage_path=str(run_dir / "ray"),
+                storage_path=str(RunLayout(run_dir).ray_dir),
                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
@@ -324,9 +301,9 @@ class StreamRunner:
         if result.checkpoint is None:
             raise RuntimeError(f"segment {t}: training produced no checkpoint ({result.error})")
 
-        ckpt_dir = run_dir / "checkpoints" / f"segment-{t:03d}"
+        ckpt_dir = RunLayout(run_dir).checkpoint(t)
         with result.checkpoint.as_directory() as d:
-            tmp = run_dir / "checkpoints" / f".segment-{t:03d}.staging"
+            tmp = RunLayout(run_dir).checkpoint_staging(t)
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(ck.ENGINE_DIR))
         strategy.after_segment_driver(t, own_rows)
@@ -335,7 +312,7 @@ class StreamRunner:
         shutil.rmtree(tmp, ignore_errors=True)
 
         meta = ck.read_meta(ckpt_dir)
-        metrics = {k: float(v) for k, v in meta.get("metrics", {}).items()}
+        metrics = {k: float_or_nan(v) for k, v in meta.get("metrics", {}).items()}
         metrics["time/fit_s"] = fit_s
         metrics["time/overhead_s"] = fit_s - metrics.get("time/train_loop_s", 0.0) - metrics.get("time/importance_s", 0.0)
         metrics["data/segment_images"] = own_rows.num_rows
@@ -385,47 +362,23 @@ def _segment_meta(plan_meta: dict[str, Any], t: int) -> dict[str, Any]:
     return {}
 
 
-def _state_entry(r: SegmentResult) -> dict[str, Any]:
-    return {"segment": r.segment, "checkpoint": r.checkpoint_dir, "parent_checkpoint": r.parent_checkpoint,
-            "num_images": r.num_images, "num_replay_images": r.num_replay_images, "metrics": r.metrics,
-            "classes": r.classes, "domains": r.domains, "step_metrics_file": r.step_metrics_file,
-            "accuracy_row": r.accuracy_row}
-
-
-def _result_from_state(e: dict[str, Any]) -> SegmentResult:
-    return SegmentResult(segment=e["segment"], checkpoint_dir=e["checkpoint"], parent_checkpoint=e["parent_checkpoint"],
-                         num_images=e["num_images"], num_replay_images=e["num_replay_images"], metrics=e["metrics"],
-                         classes=e.get("classes", []), domains=e.get("domains", []),
-                         step_metrics_file=e.get("step_metrics_file"), accuracy_row=e.get("accuracy_row", {}))
-
-
 def _write_results(run_dir: Path, results: list[SegmentResult], wall_s: float) -> None:
-    from streamssl.tracking.report import write_results
+    from streamssl.evaluate.continual_metrics import forgetting_and_accuracy
+    from streamssl.run.results import write_results
 
-    write_results(str(run_dir), results, {"wall_s": wall_s})
+    write_results(run_dir, results, {"wall_s": wall_s}, averages=forgetting_and_accuracy)
 
 
 # --------------------------------------------------------------------------- entry points
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, callbacks: Sequence[StreamCallback] | None = None) -> list[SegmentResult]:
-    return StreamRunner(cfg, run_dir, callbacks=default_callbacks(cfg) if callbacks is None else callbacks).run()
+def train(cfg: Config, run_dir: str | Path | None = None, *, callbacks: Sequence[StreamCallback]) -> list[SegmentResult]:
+    """Run a stream with exactly ``callbacks``; :func:`streamssl.assemble.train` adds the configured
+    tracking."""
+    return StreamRunner(cfg, run_dir, callbacks=callbacks).run()
 
 
-def resume(run_dir: str | Path, callbacks: Sequence[StreamCallback] | None = None) -> list[SegmentResult]:
+def resume(run_dir: str | Path, *, callbacks: Sequence[StreamCallback]) -> list[SegmentResult]:
     """Continue a killed run from its last completed segment, with its saved config and plan."""
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml; not a streamssl run directory")
-    cfg = load_config(run_dir / "config.yaml")
-    return StreamRunner(cfg, run_dir, resume=True,
-                        callbacks=default_callbacks(cfg) if callbacks is None else callbacks).run()
-
-
-def default_callbacks(cfg: Config) -> list[StreamCallback]:
-    cbs: list[StreamCallback] = []
-    if cfg.tracking.enabled:
-        from streamssl.tracking.mlflow_tracker import MlflowTracker
-
-        cbs.append(MlflowTracker())
-    return cbs
+    return StreamRunner(load_run_config(run_dir), run_dir, resume=True, callbacks=callbacks).run()

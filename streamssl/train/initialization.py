@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from streamssl.config import Config
-from streamssl.train import checkpoint as ck
+from streamssl.run import checkpoint as ck
 
 log = logging.getLogger(__name__)
 

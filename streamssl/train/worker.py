@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from streamssl.config import Config
-from streamssl.train import checkpoint as ck
+from streamssl.run import checkpoint as ck
 from streamssl.train.deepspeed_config import deepspeed_config
 from streamssl.train.initialization import apply_bn_only, load_hpt_init, load_initial_weights  # noqa: F401
 from streamssl.train.schedule import lr_factor
@@ -385,7 +385,7 @@ def _report_checkpoint(engine: Any, module: nn.Module, strategy: Any, rank: int,
                 for rec in steps_log:
                     f.write(json.dumps(rec) + "\n")
             meta = {"step": step, "images_seen": images_seen, "skipped_images": skipped, "final": final, **extra}
-            ck.write_json_atomic(Path(d) / ck.META_FILE, meta)
+            ck.write_meta(d, meta)
         has_files = any(Path(d).iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
         ray.train.report(dict(metrics or {"step": step}), checkpoint=checkpoint,

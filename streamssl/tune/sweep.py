@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from streamssl.config import Config, ConfigError, apply_overrides, config_from_dict
+from streamssl.run.layout import RunLayout
 from streamssl.train.callbacks import SegmentResult, StreamCallback, StreamContext
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
@@ -93,6 +94,30 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str, tra
     return config_from_dict(data)
 
 
+WORST_METRIC = 1e300
+
+
+def tune_result(segment: int, metrics: dict[str, Any], metric: str | None = None, mode: str = "max") -> dict[str, Any]:
+    """The numbers a segment reports to Tune, with the sweep's ``metric`` always present and finite.
+
+    ASHA keeps a trial whose metric is missing or NaN (it neither enters the rung's cutoff nor
+    falls below it), so a diverged trial would run to the end and could look fine in the summary.
+    Such a trial reports a value worse than any real one instead (``-WORST_METRIC`` when
+    maximizing, ``+WORST_METRIC`` when minimizing) and ``metric_invalid: 1``, so the scheduler
+    stops it and the summary never picks it as best. Finite on purpose: ASHA's rung cutoff is a
+    percentile, and a percentile between two infinities is NaN, which stops nobody.
+    """
+    out: dict[str, Any] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    out["segment"] = segment
+    if metric is not None:
+        value = out.get(metric)
+        valid = isinstance(value, (int, float)) and math.isfinite(value)
+        if not valid:
+            out[metric] = -WORST_METRIC if mode == "max" else WORST_METRIC
+        out["metric_invalid"] = 0 if valid else 1
+    return out
+
+
 class _TuneReporter(StreamCallback):
     """Reports each finished segment to Tune, so ``training_iteration`` = segments done.
 
@@ -107,24 +132,22 @@ class _TuneReporter(StreamCallback):
       the segments already done, so the iteration count and ASHA's rungs stay per segment.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str | None = None, mode: str = "max") -> None:
         self._last_segment = -1
+        self.metric, self.mode = metric, mode
 
-    @staticmethod
-    def _report(segment: int, metrics: dict[str, Any]) -> None:
+    def _report(self, segment: int, metrics: dict[str, Any]) -> None:
         from ray import tune
 
-        out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        out["segment"] = segment
-        tune.report(out)
+        tune.report(tune_result(segment, metrics, self.metric, self.mode))
 
     def on_stream_start(self, ctx: StreamContext) -> None:
-        from streamssl.train.driver import read_state
+        from streamssl.run.state import read_state
 
         self._last_segment = ctx.num_segments - 1
-        for done in read_state(Path(ctx.run_dir))["completed"]:
-            if done["segment"] != self._last_segment:  # the last one goes out from on_stream_end
-                self._report(done["segment"], done["metrics"])
+        for done in read_state(ctx.run_dir).completed:
+            if done.segment != self._last_segment:  # the last one goes out from on_stream_end
+                self._report(done.segment, done.metrics)
 
     def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None:
         if result.segment != self._last_segment:
@@ -150,13 +173,15 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
            sweep_run_id: str | None) -> None:
     from ray import tune
 
-    from streamssl.train.driver import StreamRunner, default_callbacks, read_state
+    from streamssl.assemble import default_callbacks
+    from streamssl.run.state import read_state
+    from streamssl.train.driver import StreamRunner
 
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / "trials" / trial_id
     cfg = trial_config(base, params, str(run_dir), tracking_uri)
-    resumed = bool(read_state(run_dir)["completed"])  # a restored sweep continues this trial's stream
-    callbacks = [_SweepParent(sweep_run_id), *default_callbacks(cfg), _TuneReporter()]
+    resumed = bool(read_state(run_dir).completed)  # a restored sweep continues this trial's stream
+    callbacks = [_SweepParent(sweep_run_id), *default_callbacks(cfg), _TuneReporter(cfg.tune.metric, cfg.tune.mode)]
     StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
 
 
@@ -207,12 +232,11 @@ def _trial_run_dir(sdir: Path, result: Any) -> Path | None:
 
 
 def _last_checkpoint(run_dir: Path | None) -> str | None:
-    from streamssl.train.driver import read_state
+    from streamssl.run.state import read_state
 
     if run_dir is None:
         return None
-    done = read_state(run_dir)["completed"]
-    return done[-1]["checkpoint"] if done else None
+    return read_state(run_dir).last_checkpoint
 
 
 def _close_stopped_streams(tracking_uri: str, rows: list[dict[str, Any]], num_segments: int) -> None:
@@ -227,7 +251,7 @@ def _close_stopped_streams(tracking_uri: str, rows: list[dict[str, Any]], num_se
     client = MlflowClient(tracking_uri=tracking_uri)
     for row in rows:
         run_dir = row.get("run_dir")
-        run_file = Path(run_dir) / "mlflow_run.json" if run_dir else None
+        run_file = RunLayout(run_dir).mlflow_run if run_dir else None
         if run_file is None or not run_file.is_file():
             continue
         data = json.loads(run_file.read_text())
@@ -335,7 +359,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
         m = r.metrics or {}
         run_dir = _trial_run_dir(sdir, r)
         rows.append({"trial_id": m.get("trial_id"), "params": {k: r.config.get(k) for k in param_space},
-                     "segments_done": m.get("training_iteration", 0), t.metric: m.get(t.metric),
+                     "segments_done": m.get("training_iteration", 0),
+                     t.metric: None if m.get("metric_invalid") else m.get(t.metric),
                      "run_dir": str(run_dir) if run_dir else None,
                      "error": f"{type(r.error).__name__}: {r.error}" if r.error else None})
     best = _select_best(rows, t.metric, t.mode)

@@ -19,7 +19,6 @@ process never leaves a directory that looks like a finished checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -28,12 +27,17 @@ from typing import Any
 
 import torch
 
-META_FILE = "meta.json"
-MODEL_FILE = "model.pt"
-STRATEGY_FILE = "strategy.pt"
-STEPS_FILE = "steps.jsonl"
-ENGINE_DIR = "engine"
-REPLAY_DIR = "replay"
+from streamssl.run.jsonio import read_json, write_json_atomic
+from streamssl.run.layout import (  # noqa: F401  (the checkpoint's file names, as ck.MODEL_FILE ...)
+    ENGINE_DIR,
+    META_FILE,
+    MODEL_FILE,
+    REPLAY_DIR,
+    STEPS_FILE,
+    STRATEGY_FILE,
+    RunLayout,
+)
+from streamssl.run.state import read_state
 
 
 def save_tensors(obj: Any, path: str | Path) -> None:
@@ -47,14 +51,13 @@ def load_tensors(path: str | Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def write_json_atomic(path: str | Path, obj: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def write_meta(ckpt_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """``meta.json`` (strict JSON: a non-finite metric is written as null)."""
+    return write_json_atomic(Path(ckpt_dir) / META_FILE, meta)
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt_dir) / META_FILE).read_text())
+    return read_json(Path(ckpt_dir) / META_FILE)
 
 
 def is_segment_checkpoint(path: str | Path) -> bool:
@@ -86,14 +89,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if is_segment_checkpoint(p):
         return p
-    state = p / "state.json"
-    if state.is_file():
-        done = json.loads(state.read_text()).get("completed", [])
-        if not done:
+    run = RunLayout(p)
+    if run.state.is_file():
+        last = read_state(p).last_checkpoint
+        if last is None:
             raise FileNotFoundError(f"{p}: run has no completed segment yet")
-        return Path(done[-1]["checkpoint"])
-    ckpts = sorted((p / "checkpoints").glob("segment-*")) if (p / "checkpoints").is_dir() else []
-    ckpts = [c for c in ckpts if is_segment_checkpoint(c)]
+        return Path(last)
+    ckpts = [c for c in run.segment_checkpoint_dirs() if is_segment_checkpoint(c)]
     if ckpts:
         return ckpts[-1]
     raise FileNotFoundError(f"{p}: not a streamssl run directory or segment checkpoint")

@@ -1,0 +1,64 @@
+"""Image sources for ingest: each yields :class:`Record` objects lazily, in a fixed order.
+
+Sources never hold the collection in memory: files are discovered directory by directory
+(``os.scandir``, names sorted so the order, and hence the dataset digest, does not depend on the
+filesystem), IDX files are read a block at a time, manifests a record batch at a time. A source
+does its cheap checks (paths exist, headers parse, manifest columns and label types are sane)
+in its constructor, so a bad invocation fails before ingest creates anything.
+
+Labels: when a source knows class *names* but not integer labels (folder, manifest with only
+``class_name``), label ``i`` is the ``i``-th class name in sorted (code point) order.
+
+One module per source (``idx``, ``fashion_mnist``, ``folder``, ``manifest``) on top of ``base``
+(record, interface, error); this module is the factory the CLI and ingest use.
+"""
+
+from __future__ import annotations
+
+from streamssl.data.sources.base import IngestError, Record, Source
+from streamssl.data.sources.fashion_mnist import (
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+    FashionMNISTSource,
+)
+from streamssl.data.sources.folder import FolderSource
+from streamssl.data.sources.idx import IdxHeader, IdxPart, IdxSource, iter_idx, read_idx_header
+from streamssl.data.sources.manifest import ManifestSource
+
+SOURCES = ("fashion-mnist", "idx", "folder", "manifest")
+
+
+def open_source(name: str, src: str | None = None) -> Source:
+    """Build a source by its CLI name; ``src`` is its location (None = the source's default)."""
+    if name == "fashion-mnist":
+        return FashionMNISTSource(src)
+    if name == "idx":
+        return IdxSource.from_src(src)
+    if name == "folder":
+        if not src:
+            raise IngestError("folder source needs --src: a directory of class folders")
+        return FolderSource(src)
+    if name == "manifest":
+        if not src:
+            raise IngestError("manifest source needs --src: a CSV or Parquet file with a 'path' column")
+        return ManifestSource(src)
+    raise IngestError(f"unknown source {name!r}; choose one of: {', '.join(SOURCES)}")
+
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_DIR",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNISTSource",
+    "FolderSource",
+    "IdxHeader",
+    "IdxPart",
+    "IdxSource",
+    "IngestError",
+    "ManifestSource",
+    "Record",
+    "SOURCES",
+    "Source",
+    "iter_idx",
+    "open_source",
+    "read_idx_header",
+]

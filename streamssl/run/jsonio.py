@@ -1,0 +1,51 @@
+"""The one way run-directory JSON is written and read.
+
+Written through a temp file + rename, so a killed process never leaves half a file that a resume
+or a report would then trust; strict JSON (NaN and inf become ``null``), so any JSON reader can
+open it. Readers turn ``null`` metrics back into NaN with :func:`float_or_nan`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_json_data(x: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None (strict JSON), numpy scalars -> Python, tuples -> lists."""
+    if isinstance(x, Mapping):
+        return {str(k): to_json_data(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_json_data(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_json_data(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def float_or_nan(x: Any) -> float:
+    """A number read back from strict JSON: ``null`` (a non-finite value when written) -> NaN."""
+    return float("nan") if x is None else float(x)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write strict JSON through a temp file + rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(to_json_data(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
