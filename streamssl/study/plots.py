@@ -25,8 +25,9 @@ def _plt() -> Any:
 
 
 def plot_accuracy_along_stream(outcomes: Sequence[CellOutcome], path: str | Path, probe: str = "linear") -> Path | None:
-    """One panel per protocol: the probe's accuracy after each segment, mean over seeds, per strategy;
-    the random-init encoder as a dashed line (the floor every SSL curve has to clear)."""
+    """One panel per protocol: the probe's accuracy after each segment, mean over the strategy's seeds
+    (their number is in the legend: strategies run with fewer seeds are noisier), and the
+    random-init encoder as a dashed line (the floor every SSL curve has to clear)."""
     protocols = list(dict.fromkeys(o.protocol for o in outcomes))
     if not protocols:
         return None
@@ -46,13 +47,14 @@ def plot_accuracy_along_stream(outcomes: Sequence[CellOutcome], path: str | Path
                 continue
             n = min(len(c) for c in curves)
             y = 100 * np.nanmean(np.array([c[:n] for c in curves], dtype=float), axis=0)
-            ax.plot(np.arange(1, n + 1), y, marker="o", label=strategy,
+            ax.plot(np.arange(1, n + 1), y, marker="o", label=f"{strategy} ({len(curves)} seed{'s' * (len(curves) > 1)})",
                     linewidth=2.2 if strategy == JOINT else 1.4, color="black" if strategy == JOINT else None)
         ax.set_title(protocol)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("segments trained")
         ax.set_ylabel(f"{probe} probe accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")  # per panel: seed counts differ between protocols
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -82,7 +84,9 @@ def _heatmap(rows: Sequence[dict[str, Any]], key: str, path: str | Path, title: 
     for i in range(len(protocols)):
         for j in range(len(strategies)):
             v = values[i, j]
-            ax.text(j, i, "n/a" if not math.isfinite(v) else format(v, fmt), ha="center", va="center", fontsize=8)
+            dark = math.isfinite(v) and (abs(v) > 0.6 * lim if scale != 1.0 else v < 0.5 * (finite.min() + finite.max()))
+            ax.text(j, i, "n/a" if not math.isfinite(v) else format(v, fmt), ha="center", va="center", fontsize=8,
+                    color="white" if dark else "black")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
