@@ -52,7 +52,7 @@ def run_recipe(name: str, overrides: list[str], args, probe) -> dict:
     from streamssl.data.plan import load_plan
     from streamssl.data.protocols import make_plan
     from streamssl.evaluate.knn import knn_classify
-    from streamssl.ssl import build_augment, build_method
+    from streamssl.ssl import build_augment, build_method, model_init_seed
     from streamssl.ssl.augment import eval_transform
     from streamssl.train.schedule import lr_factor
     from streamssl.train.worker import build_optimizer
@@ -60,7 +60,7 @@ def run_recipe(name: str, overrides: list[str], args, probe) -> dict:
     cfg = load_config(DEFAULT_CONFIG, [f"data.dataset_dir={args.dataset}", *overrides])
     meta = make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed)
     plan, _ = load_plan(meta["out_dir"])
-    torch.manual_seed(cfg.seed * 1_000_003)
+    torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)
     aug = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
     tf = eval_transform(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)

@@ -114,7 +114,7 @@ def probe_data(cfg, test_images: int | None):
 
 def run_recipe(name: str, overrides: list[str], args) -> dict:
     from streamssl.data.streams import load_plan, make_plan
-    from streamssl.ssl import build_augment, build_method
+    from streamssl.ssl import build_augment, build_method, model_init_seed
     from streamssl.ssl.augment import eval_transform
     from streamssl.train.schedule import lr_factor
     from streamssl.train.worker import build_optimizer
@@ -128,7 +128,7 @@ def run_recipe(name: str, overrides: list[str], args) -> dict:
     meta = make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed)
     plan, _ = load_plan(meta["out_dir"])
     probe = probe_data(cfg, args.test_images)
-    torch.manual_seed(cfg.seed * 1_000_003)  # the init segment 0 starts from (train/worker.py)
+    torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)
     aug = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
     tf = eval_transform(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)

@@ -23,9 +23,9 @@ from streamssl.train.worker import (
     augment_generator,
     build_model,
     importance_images,
-    model_init_seed,
     shuffle_seed,
 )
+from streamssl.ssl import model_init_seed
 
 SMALL_SSL = {"method": "mocov2", "backbone": "small_cnn", "width": 4, "proj_hidden_dim": 16,
              "proj_dim": 8, "queue_size": 16}
@@ -66,7 +66,7 @@ def test_sequential_trains_on_its_own_segment_from_the_previous_one():
 
 
 def _init_digest(cfg) -> str:
-    torch.manual_seed(model_init_seed(cfg))
+    torch.manual_seed(model_init_seed(cfg.seed))
     return ck.state_digest(build_model(cfg).state_dict())
 
 

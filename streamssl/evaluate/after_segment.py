@@ -219,9 +219,9 @@ def evaluate_random_init(cfg: Config) -> dict[str, float]:
     """The same encoder architecture at its random initialization: the baseline SSL must beat."""
     import torch
 
-    from streamssl.ssl import build_method
+    from streamssl.ssl import build_method, model_init_seed
 
-    torch.manual_seed(cfg.seed * 1_000_003)  # the init segment 0 starts from (train/worker.py)
+    torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 (and every joint segment) starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
     return evaluate_encoder_on_config(cfg, model, None)
 

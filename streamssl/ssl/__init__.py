@@ -21,6 +21,15 @@ METHODS: dict[str, type[SSLMethod]] = {
 }
 
 
+def model_init_seed(seed: int) -> int:
+    """Torch seed for building a run's model: a function of the run's ``seed`` only.
+
+    Every worker, every segment of a joint run (a fresh model each time) and the random-init
+    baseline build the same initial weights from it.
+    """
+    return seed * 1_000_003
+
+
 def build_method(cfg: SSLConfig, in_channels: int) -> SSLMethod:
     """Backbone from ``cfg.backbone`` wrapped in the ``cfg.method`` SSL method."""
     if cfg.method not in METHODS:
@@ -38,5 +47,6 @@ __all__ = [
     "ema_update",
     "eval_transform",
     "load_torchvision_state_dict",
+    "model_init_seed",
     "normalization",
 ]

@@ -19,7 +19,6 @@ Outputs in ``--out DIR``: ``study.csv``, ``study.md``, the figures of
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from streamssl.config import Config, config_from_dict
 from streamssl.study.spec import JOINT, RANDOM_INIT, Cell, cell_config, load_study
 from streamssl.study.table import RANDOM_INIT_FILE, CellOutcome, aggregate, markdown, read_outcome, write_csv
 
-STUDY_FILES = ("study.csv", "study.md", "study_summary.json", "cells.json")
+def _cell_to_dict(c: Cell) -> dict[str, Any]:
+    return {"id": c.id, "protocol": c.protocol, "strategy": c.strategy, "seed": c.seed, "config": c.config}
 
 
 def _cell_from_dict(d: dict[str, Any]) -> Cell:
@@ -39,11 +39,10 @@ def _report_final(run_dir: Path) -> None:
     from ray import tune
 
     from streamssl.tracking.report import read_results
+    from streamssl.tune.sweep import tune_result
 
     run = read_results(run_dir)
-    out = {k: v for k, v in run.final_metrics.items() if isinstance(v, (int, float))}
-    out["segment"] = len(run.segments) - 1
-    tune.report(out)
+    tune.report(tune_result(len(run.segments) - 1, run.final_metrics))
 
 
 def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], study_dir: str,
@@ -51,11 +50,11 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
     from ray import tune
 
     from streamssl.assemble import default_callbacks
-    from streamssl.run.jsonio import write_json_atomic
+    from streamssl.run.jsonio import read_json, write_json_atomic
     from streamssl.run.results import has_results
     from streamssl.run.state import read_state
     from streamssl.train.driver import StreamRunner
-    from streamssl.tune.sweep import _SweepParent, _TuneReporter
+    from streamssl.tune.sweep import _SweepParent, _TuneReporter, tune_result
 
     cell = _cell_from_dict(cells[params["cell"]])
     run_dir = Path(study_dir) / "trials" / cell.id
@@ -69,8 +68,7 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
             t0 = time.perf_counter()
             metrics = evaluate_random_init(cfg)
             write_json_atomic(out, {"metrics": metrics, "eval_s": time.perf_counter() - t0, "config": cfg.to_dict()})
-        metrics = json.loads(out.read_text())["metrics"]
-        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tune.report(tune_result(0, read_json(out)["metrics"]))
         return
     if has_results(run_dir):  # finished before a restart: report, never retrain
         _report_final(run_dir)
@@ -160,7 +158,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     import ray
     from ray import tune
 
-    from streamssl.run.jsonio import write_json_atomic
+    from streamssl.run.jsonio import read_json, write_json_atomic
     from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams
 
     spec, cells = load_study(path, overrides)
@@ -174,11 +172,10 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     sdir.mkdir(parents=True, exist_ok=True)
     cells_file = sdir / "cells.json"
     if resume and cells_file.is_file():
-        before = {d["id"] for d in json.loads(cells_file.read_text())}
+        before = {d["id"] for d in read_json(cells_file)}
         if before != {c.id for c in cells}:
             raise ValueError(f"{path} now expands to other cells than the study in {sdir}; start a new --out")
-    write_json_atomic(cells_file, [{"id": c.id, "protocol": c.protocol, "strategy": c.strategy,
-                                    "seed": c.seed, "config": c.config} for c in cells])
+    write_json_atomic(cells_file, [_cell_to_dict(c) for c in cells])
     print(f"study directory: {sdir} ({len(cells)} cells)", flush=True)
 
     base = Config.model_validate(cells[0].config)
@@ -192,8 +189,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
         ray.init(address=base.scaling.ray_address, include_dashboard=False, configure_logging=False)
     _prepare_datasets(cells)
 
-    cell_dicts = {c.id: {"protocol": c.protocol, "strategy": c.strategy, "seed": c.seed, "config": c.config}
-                  for c in cells}
+    cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
     trainable = tune.with_parameters(_study_trial, cells=cell_dicts, study_dir=str(sdir),
                                      tracking_uri=tracking_uri, study_run_id=study_run_id)
     trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial_driver})

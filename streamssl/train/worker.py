@@ -36,7 +36,8 @@ from torch import nn
 from streamssl.config import Config
 from streamssl.run import checkpoint as ck
 from streamssl.train.deepspeed_config import deepspeed_config
-from streamssl.train.initialization import apply_bn_only, load_hpt_init, load_initial_weights  # noqa: F401
+from streamssl.ssl import model_init_seed
+from streamssl.train.initialization import apply_bn_only, load_initial_weights
 from streamssl.train.schedule import lr_factor
 
 
@@ -92,15 +93,6 @@ def augment_generator(seed: int, segment: int, rank: int, start_step: int,
     g = torch.Generator(device=device)
     g.manual_seed(augment_seed(seed, segment, rank, start_step))
     return g
-
-
-def model_init_seed(cfg: Config) -> int:
-    """Torch seed for building the model: depends on ``cfg.seed`` only.
-
-    So every rank builds the same weights, and a joint run's fresh model at any segment starts
-    from exactly the weights segment 0 of a sequential run with the same seed starts from.
-    """
-    return cfg.seed * 1_000_003
 
 
 def _batches(shard: Any, batch_size: int, skip: int = 0, *, shuffle_buffer: int = 0,
@@ -232,7 +224,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed = cfg.seed * 1_000_003 + segment * 101 + rank
-    torch.manual_seed(model_init_seed(cfg))  # same init on every rank and for every segment
+    torch.manual_seed(model_init_seed(cfg.seed))  # same init on every rank and for every segment
     rng = np.random.default_rng(seed)
 
     model = build_model(cfg)
