@@ -41,7 +41,7 @@ def full_path(cfg_overrides: list[str], run_dir: Path) -> list[dict[str, float]]
              "images": r.metrics["train/images_seen"]} for r in results]
 
 
-def bare_loop(cfg_overrides: list[str], run_dir: Path, threads: int) -> dict[str, float]:
+def bare_loop(cfg_overrides: list[str], run_dir: Path, threads: int, gpu: bool = False) -> dict[str, float]:
     from streamssl.data.segments import read_rows_local
     from streamssl.data.plan import load_plan
     from streamssl.ssl import build_augment, build_method
@@ -52,12 +52,15 @@ def bare_loop(cfg_overrides: list[str], run_dir: Path, threads: int) -> dict[str
     plan, _ = load_plan(str(run_dir / "plan"))  # the plan the full path trained on
     rows = segment_rows(plan, [0], None)
     data = read_rows_local(cfg.data.dataset_dir, rows, image_size=cfg.data.image_size, channels=cfg.data.channels)
-    images = torch.from_numpy(np.ascontiguousarray(data["image"]))
+    device = torch.device("cuda" if gpu else "cpu")
+    images = torch.from_numpy(np.ascontiguousarray(data["image"])).to(device)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_method(cfg.ssl, in_channels=cfg.data.channels)
+    model = build_method(cfg.ssl, in_channels=cfg.data.channels).to(device)
     opt = build_optimizer([p for p in model.trainable_parameters() if p.requires_grad], cfg)
-    aug = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
+    aug = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels).to(device)
+    # On GPU the bare loop runs in bf16 autocast, like the full path with scaling.precision=bf16.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu)
     batch = cfg.optim.batch_size * cfg.scaling.num_workers  # same global batch as the workers together
     steps = cfg.optim.steps_per_segment
     model.train()
@@ -66,15 +69,18 @@ def bare_loop(cfg_overrides: list[str], run_dir: Path, threads: int) -> dict[str
     for step in range(steps + warmup):
         if step == warmup:
             t0 = time.perf_counter()
-        idx = torch.randint(0, images.shape[0], (batch,))
+        idx = torch.randint(0, images.shape[0], (batch,), device=device)
         x = images[idx]
-        out = model(aug(x), aug(x))
+        with autocast:
+            out = model(aug(x), aug(x))
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
         model.on_after_step()
         if step >= warmup:
             done += batch
+    if gpu:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return {"images_per_s": done / dt, "loop_s": dt, "images": done}
 
@@ -85,16 +91,18 @@ def main() -> None:
     ap.add_argument("--dataset", default=str(ROOT / "data" / "fashion-mnist"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--width", type=int, default=None, help="small_cnn width (default: the config's)")
+    ap.add_argument("--gpu", action="store_true", help="both paths on CUDA in bf16 (scaling.use_gpu, precision)")
     args = ap.parse_args()
     # Two segments (5 classes each): the second one's fit is the warm, steady-state case.
     overrides = [f"data.dataset_dir={args.dataset}", f"optim.steps_per_segment={args.steps}", "stream.segments=2",
                  *([f"ssl.width={args.width}"] if args.width else []),
                  "eval.enabled=false", "tracking.enabled=false", "replay.size=0",
-                 f"scaling.num_workers={args.workers}", "optim.warmup_steps=0"]
+                 f"scaling.num_workers={args.workers}", "optim.warmup_steps=0",
+                 *(["scaling.use_gpu=true", "scaling.precision=bf16"] if args.gpu else [])]
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         segs = full_path(overrides, run_dir)
-        bare = bare_loop(overrides, run_dir, threads=args.workers)
+        bare = bare_loop(overrides, run_dir, threads=args.workers, gpu=args.gpu)
     warm = segs[-1]
     result = {"steps": args.steps, "workers": args.workers, "full_per_segment": segs, "bare": bare,
               "ratio_in_loop": warm["images_per_s"] / bare["images_per_s"],

@@ -41,3 +41,15 @@ def resume(run_dir: str | Path, callbacks: Sequence[StreamCallback] | None = Non
     if callbacks is None:
         callbacks = default_callbacks(load_run_config(run_dir))
     return resume_stream(run_dir, callbacks=callbacks)
+
+
+def extend(run_dir: str | Path, segments: int = 1, overrides: Sequence[str] = (),
+           callbacks: Sequence[StreamCallback] | None = None) -> list[SegmentResult]:
+    """Train a finished run on data appended since (``streamssl extend``); ``callbacks=None``
+    means :func:`default_callbacks` of the run's saved config."""
+    from streamssl.run.config_file import load_run_config
+    from streamssl.train.extend import extend as extend_run
+
+    if callbacks is None:
+        callbacks = default_callbacks(load_run_config(run_dir, list(overrides)))
+    return extend_run(str(run_dir), segments=segments, overrides=overrides, callbacks=callbacks)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from streamssl.config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_class_incremental.yaml"
+# Verbs that run Ray on this machine: their console is streamssl's own (see streamssl.console).
+CONSOLE_VERBS = ("train", "resume", "extend", "demo", "tune", "study")
 
 
 def _print_json(obj: Any) -> None:
@@ -28,7 +31,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from streamssl.data.ingest import ingest
 
     summary = ingest(a.source, a.out, src=a.src, shard_rows=a.shard_rows, progress=not a.quiet,
-                     derive_domains=a.derive_domains)
+                     derive_domains=a.derive_domains, append=a.append)
     _print_json(summary)
     return 0
 
@@ -57,25 +60,65 @@ def _config(a: argparse.Namespace) -> Any:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from streamssl.assemble import default_callbacks
+    from streamssl.train.demo import results_table
     from streamssl.train.driver import StreamRunner
     from streamssl.train.progress import ProgressPrinter
 
     cfg = _config(a)
-    runner = StreamRunner(cfg, a.run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])
-    runner.run()
+    with ProgressPrinter() as progress:
+        runner = StreamRunner(cfg, a.run_dir, callbacks=[progress, *default_callbacks(cfg)])
+        results = runner.run()
+    print()
+    print(results_table(results, None))
+    print()
     print(f"run directory: {runner.run_dir}")
     return 0
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
     from streamssl.assemble import default_callbacks
-    from streamssl.run.layout import RunLayout
+    from streamssl.run.config_file import load_run_config
+    from streamssl.run.layout import canonical_run_dir
+    from streamssl.train.demo import results_table
     from streamssl.train.driver import resume
     from streamssl.train.progress import ProgressPrinter
 
-    cfg = load_config(RunLayout(a.run_dir).config)
-    resume(a.run_dir, callbacks=[ProgressPrinter(), *default_callbacks(cfg)])
-    print(f"run directory: {Path(a.run_dir).resolve()}")
+    cfg = load_run_config(a.run_dir)
+    with ProgressPrinter() as progress:
+        results = resume(a.run_dir, callbacks=[progress, *default_callbacks(cfg)])
+    print()
+    print(results_table(results, None))
+    print()
+    print(f"run directory: {canonical_run_dir(a.run_dir)}")
+    return 0
+
+
+EXIT_NOTHING_TO_EXTEND = 3
+
+
+def cmd_extend(a: argparse.Namespace) -> int:
+    from streamssl.assemble import default_callbacks
+    from streamssl.run.config_file import load_run_config
+    from streamssl.run.layout import canonical_run_dir
+    from streamssl.train.demo import results_table
+    from streamssl.train.extend import NothingToExtend, extend
+    from streamssl.train.progress import ProgressPrinter
+
+    # `segments=K` among the overrides is --segments K (how `streamssl submit --command extend` passes it).
+    overrides = [o for o in a.overrides if not o.startswith("segments=")]
+    segments = int(next((o.split("=", 1)[1] for o in a.overrides if o.startswith("segments=")), a.segments))
+    cfg = load_run_config(a.run_dir, overrides)
+    try:
+        with ProgressPrinter() as progress:
+            results = extend(a.run_dir, segments=segments, overrides=overrides,
+                             callbacks=[progress, *default_callbacks(cfg)])
+    except NothingToExtend as e:
+        print(f"streamssl extend: {e}", file=sys.stderr)
+        return EXIT_NOTHING_TO_EXTEND
+    print()
+    print(results_table(results, None))
+    print()
+    print(f"run directory: {canonical_run_dir(a.run_dir)}")
     return 0
 
 
@@ -147,10 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True, choices=["fashion-mnist", "idx", "folder", "manifest"])
     s.add_argument("--src", default=None, help="source path (default: the source's standard location)")
     s.add_argument("--out", required=True, help="output dataset directory or pyarrow URI (file://, s3://)")
-    s.add_argument("--shard-rows", type=int, default=10_000)
+    s.add_argument("--shard-rows", type=int, default=None,
+                   help="images per shard (default 10000; with --append: the dataset's)")
     s.add_argument("--derive-domains", default=None, metavar="SPEC",
                    help="split the images into synthetic domains, one transform each, e.g. "
                         "original,rotate90,invert,blur_noise (for `stream --protocol domain`)")
+    s.add_argument("--append", action="store_true",
+                   help="add the images to the existing dataset at --out as a new drop (new shards only; "
+                        "duplicate image ids are refused; a failed or killed append changes nothing)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
 
@@ -187,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_resume)
 
+    s = sub.add_parser("extend", help="train a finished run on data appended since (new segments from its last checkpoint)")
+    s.add_argument("run_dir")
+    s.add_argument("--segments", type=int, default=1,
+                   help="new segments to cut the new images into (default 1; also as segments=K)")
+    s.add_argument("overrides", nargs="*", help="config overrides for the new segments (key=value)")
+    s.set_defaults(fn=cmd_extend)
+
     s = sub.add_parser("eval", help="evaluate a run or checkpoint on frozen features")
     s.add_argument("path")
     s.add_argument("--data", default=None, help="dataset directory (default: the run's)")
@@ -203,11 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("submit", help="submit `streamssl train` to a Ray cluster with the Jobs API")
+    s = sub.add_parser("submit", help="run train / tune / demo / resume / eval on a Ray cluster "
+                       "through the Ray Jobs API (see jobs/README.md)")
     from streamssl.jobs import add_submit_arguments
 
     add_submit_arguments(s)
     s.set_defaults(fn=cmd_submit)
+
+    # Before or after the verb: `streamssl -v train ...` and `streamssl train ... -v`.
+    verbose_help = ("show Ray's, Ray Train's, Ray Data's and DeepSpeed's output on the console "
+                    "(default: only streamssl's own lines and errors; the rest is in the run's logs/)")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    for verb_parser in sub.choices.values():
+        verb_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return p
 
 
@@ -221,6 +283,24 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.verb not in CONSOLE_VERBS:
+        return _run_verb(args)
+    from streamssl import console
+
+    # Ray's, Ray Data's and DeepSpeed's output goes to the run's logs/ unless -v (streamssl.console).
+    with console.session(verbose=args.verbose):
+        try:
+            rc = _run_verb(args)
+        except Exception:  # noqa: BLE001 (the traceback first, then where the logs are)
+            traceback.print_exc()
+            rc = 1
+        where = console.logs_summary()
+        if where:
+            print(where, file=sys.stdout if rc == 0 else sys.stderr, flush=True)
+        return rc
+
+
+def _run_verb(args: argparse.Namespace) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -96,7 +96,7 @@ class ReplayConfig(_Section):
 
     size: int = Field(0, ge=0)
     ratio: float = Field(0.5, ge=0, lt=1)  # fraction of each batch drawn from the buffer
-    policy: Literal["reservoir", "balanced"] = "reservoir"
+    policy: Literal["reservoir", "balanced", "fifo"] = "reservoir"  # continual/factory.py REPLAY_BUFFERS
     # append: replay rows are added on top of optim.batch_size (more compute than naive);
     # replace: they take a share of optim.batch_size, so replay costs what naive costs (the
     # setting for comparing strategies at equal compute). See train/driver.py::batch_plan.
@@ -129,6 +129,9 @@ class ScalingConfig(_Section):
     checkpoint_every_steps: int = Field(0, ge=0)  # in-segment checkpoints; 0 = only at the end
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of a failed worker group
     ray_address: str | None = None  # None = start/attach a local Ray
+    # Segments trained by one Ray Train run (one worker group, process group, set of imports).
+    # None = all the stream's remaining segments; 1 = a new TorchTrainer.fit() per segment.
+    segments_per_fit: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Section):
@@ -146,6 +149,14 @@ class EvalConfig(_Section):
     # CKA to the parent checkpoint and SSL-loss sharpness after every segment (a few seconds each
     # on CPU); a study that only needs the probes turns them off.
     diagnostics: bool = True
+    # The same architecture evaluated once per stream at its random init (cached in the run
+    # directory): the baseline the stream's accuracy is plotted against in MLflow.
+    random_init_baseline: bool = True
+    # After-segment evaluation runs in a Ray actor kept for the whole stream, while the workers
+    # train the next segment. Its reserved resources: 0 CPUs shares the cluster's CPUs with
+    # training (it never waits for room); on a GPU cluster give it a GPU of its own.
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
 
 
 class TrackingConfig(_Section):

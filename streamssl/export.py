@@ -9,6 +9,7 @@ Use ``encoder.preprocess(uint8_images)`` to go from raw uint8 pixels to the expe
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from streamssl.config import SSLConfig
 from streamssl.run import checkpoint as ck
 from streamssl.run.config_file import config_for_checkpoint
+from streamssl.storage import Location
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ def _build(ssl_cfg: SSLConfig, image_size: int, channels: int, backbone_state: d
     return FrozenEncoder(backbone, spec, backbone.out_dim)
 
 
-def load_encoder(path: str | Path) -> FrozenEncoder:
-    """Load a frozen encoder from a run dir, a segment checkpoint, or an exported ``.pt`` file."""
-    p = Path(path)
+def load_encoder(path: str | os.PathLike[str] | Location) -> FrozenEncoder:
+    """Load a frozen encoder from a run dir, a segment checkpoint, or an exported ``.pt`` file
+    (local paths or URIs)."""
+    p = Location(path)
     if p.is_file():
         blob = ck.load_tensors(p)
         if not isinstance(blob, dict) or "backbone" not in blob or "spec" not in blob:
@@ -86,15 +89,15 @@ def load_encoder(path: str | Path) -> FrozenEncoder:
         return _build(ssl_cfg, spec["image_size"], spec["channels"], blob["backbone"])
     ckpt = ck.resolve_checkpoint(p)
     cfg = config_for_checkpoint(ckpt)
-    state = ck.load_tensors(ckpt / ck.MODEL_FILE)
+    state = ck.load_model_state(ckpt)
     backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     return _build(cfg.ssl, cfg.data.image_size, cfg.data.channels, backbone_state)
 
 
-def export_encoder(path: str | Path, out: str | Path) -> Path:
-    """Write a single self-describing file (tensors + JSON strings; loads with weights_only=True)."""
+def export_encoder(path: str | os.PathLike[str] | Location, out: str | Path) -> Path:
+    """Write a single self-describing local file (tensors + JSON strings; loads with weights_only=True)."""
     enc = load_encoder(path)
-    ckpt = ck.resolve_checkpoint(Path(path)) if not Path(path).is_file() else None
+    ckpt = ck.resolve_checkpoint(path) if not Location(path).is_file() else None
     ssl_json = config_for_checkpoint(ckpt).ssl.model_dump_json() if ckpt else json.dumps({})
     blob = {"backbone": enc.backbone.state_dict(), "spec": json.dumps(asdict(enc.input_spec)), "ssl": ssl_json}
     ck.save_tensors(blob, out)

@@ -20,8 +20,11 @@ from streamssl.continual import (
     EWC,
     L2SP,
     MAS,
+    FifoBuffer,
+    Joint,
     ReplayBuffer,
     ReplayPlugin,
+    SegmentData,
     Strategy,
     balanced_quotas,
     build_strategy,
@@ -467,8 +470,12 @@ def _cfg(**sections) -> Config:
 def test_build_strategy_composes_the_configured_plugins():
     naive = build_strategy(_cfg())
     assert naive.plugins == [] and naive.name == "naive"
-    assert naive.penalty(Tiny()).item() == 0.0 and naive.extra_datasets(3) == {}
-    assert build_strategy(_cfg(strategy="joint")).plugins == []
+    assert naive.penalty(Tiny()).item() == 0.0
+    assert naive.segment_data(3) == SegmentData(3, (3,), from_previous=True, extras=())
+    joint = build_strategy(_cfg(strategy="joint"))
+    assert [type(p) for p in joint.plugins] == [Joint] and joint.name == "joint"
+    assert joint.segment_data(2) == SegmentData(2, (0, 1, 2), from_previous=False)
+    assert build_strategy(_cfg(strategy="cumulative")).segment_data(2) == SegmentData(2, (0, 1, 2), from_previous=True)
     with pytest.raises(ValueError, match="joint"):
         build_strategy(_cfg(strategy="joint", regularization={"method": "mas"}))
 
@@ -484,12 +491,14 @@ def test_build_strategy_composes_the_configured_plugins():
 def test_strategy_driver_and_worker_state_survive_a_resume(tmp_path):
     cfg = _cfg(replay={"size": 30}, regularization={"method": "l2sp", "lambda": 1.0})
     s = build_strategy(cfg)
-    assert s.extra_datasets(0) == {}
+    assert s.segment_data(0).extras == ()
     s.after_segment_driver(0, SEGMENTS[0])
-    replay = s.extra_datasets(1)["replay"]
+    (extra,) = s.segment_data(1).extras
+    assert (extra.name, extra.ratio, extra.mode) == ("replay", cfg.replay.ratio, cfg.replay.mode)
+    replay = extra.sample(30, 0)
     assert replay.num_rows == 30 and set(replay["segment"].to_pylist()) == {0}
     with pytest.raises(RuntimeError, match="segment 0"):
-        s.extra_datasets(0)  # rows of the segment being trained must never come back as replay
+        s.segment_data(0)  # rows of the segment being trained must never come back as replay
     s.save_driver_state(tmp_path)
     m = Tiny()
     s.after_segment(m, [], _no_loss, 1)
@@ -498,10 +507,10 @@ def test_strategy_driver_and_worker_state_survive_a_resume(tmp_path):
     resumed = build_strategy(cfg)
     resumed.load_driver_state(tmp_path)
     resumed.load_worker_state(torch.load(tmp_path / "strategy.pt", weights_only=True))
-    assert resumed.sample_replay(45, seed=4).equals(s.sample_replay(45, seed=4))
+    assert resumed.segment_data(1).extras[0].sample(45, 4).equals(s.segment_data(1).extras[0].sample(45, 4))
     for strat in (s, resumed):
         strat.after_segment_driver(1, SEGMENTS[1])
-    assert resumed.extra_datasets(2)["replay"].equals(s.extra_datasets(2)["replay"])
+    assert resumed.segment_data(2).extras[0].sample(30, 0).equals(s.segment_data(2).extras[0].sample(30, 0))
     with torch.no_grad():
         m.backbone.weight.add_(0.2)
     assert torch.equal(resumed.penalty(m), s.penalty(m)) and s.penalty(m).item() > 0
@@ -510,8 +519,30 @@ def test_strategy_driver_and_worker_state_survive_a_resume(tmp_path):
         build_strategy(_cfg(regularization={"method": "mas"})).load_worker_state(s.worker_state())
     with pytest.raises(FileNotFoundError):
         build_strategy(cfg).load_driver_state(tmp_path / "nowhere")
-    with pytest.raises(RuntimeError, match="no replay"):
-        Strategy([]).sample_replay(3, seed=0)
+    joint = build_strategy(_cfg(strategy="joint"))  # stateless: nothing saved, nothing expected
+    joint.save_driver_state(tmp_path / "joint")
+    joint.load_driver_state(tmp_path / "nowhere")
+    assert not (tmp_path / "joint").exists()
+
+
+def test_fifo_replay_keeps_the_most_recent_rows_and_resumes(tmp_path):
+    """A data strategy added as one module + one registry line (continual/fifo_replay.py)."""
+    s = build_strategy(_cfg(replay={"size": 100, "policy": "fifo", "ratio": 0.25, "mode": "replace"}))
+    (plugin,) = s.driver_plugins
+    assert isinstance(plugin.buffer, FifoBuffer) and plugin.describe() == "replay(fifo,100)"
+    s.after_segment_driver(0, SEGMENTS[0])
+    assert plugin.buffer.rows()["idx"].to_pylist() == list(range(20, 120))  # the last 100 of segment 0
+    s.after_segment_driver(1, SEGMENTS[1])
+    assert plugin.buffer.rows()["idx"].to_pylist() == list(range(320, 420))  # only the newest rows
+    assert plugin.buffer.segment_counts() == {1: 100}
+    (extra,) = s.segment_data(2).extras
+    assert extra.mode == "replace" and set(extra.sample(250, 3)["idx"].to_pylist()) == set(range(320, 420))
+    s.save_driver_state(tmp_path)
+    resumed = build_strategy(_cfg(replay={"size": 100, "policy": "fifo", "ratio": 0.25, "mode": "replace"}))
+    resumed.load_driver_state(tmp_path)
+    assert resumed.segment_data(2).extras[0].sample(250, 3).equals(extra.sample(250, 3))
+    with pytest.raises(ValueError, match="fifo"):  # a checkpoint of another policy is refused
+        build_strategy(_cfg(replay={"size": 100})).load_driver_state(tmp_path)
 
 
 # --------------------------------------------------------------------------- distributed

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import islice
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from streamssl.config import ConfigError, config_from_dict
-from streamssl.continual import build_strategy
+from streamssl.continual import ExtraRows, build_strategy
 from streamssl.ssl import build_augment
 from streamssl.run import checkpoint as ck
 from streamssl.run.records import SegmentResult
@@ -80,7 +81,7 @@ def test_joint_at_any_segment_starts_from_the_weights_of_sequential_segment_zero
 
 
 def test_cumulative_is_a_strategy_that_rejects_replay_and_regularizers():
-    assert build_strategy(_cfg(strategy="cumulative")).plugins == []
+    assert build_strategy(_cfg(strategy="cumulative")).name == "cumulative"
     with pytest.raises(ConfigError, match="cumulative"):
         _cfg(strategy="cumulative", replay={"size": 10})
     with pytest.raises(ValueError, match="cumulative"):
@@ -90,38 +91,43 @@ def test_cumulative_is_a_strategy_that_rejects_replay_and_regularizers():
 # --------------------------------------------------------------------------- replay batch sizing
 
 
+def _replay(cfg: Any) -> list[ExtraRows]:
+    """The replay extra a configured strategy mixes in once its buffer holds rows."""
+    return [ExtraRows("replay", cfg.replay.ratio, cfg.replay.mode, lambda n, seed: None)]
+
+
 def test_append_mode_adds_replay_rows_on_top_of_the_batch():
     cfg = _cfg(optim={"batch_size": 128}, replay={"size": 100, "ratio": 0.25},
                scaling={"num_workers": 2})
-    bp = batch_plan(cfg, 12_000, with_replay=True)
-    assert (bp.own_per_batch, bp.replay_per_batch) == (128, 43)  # 128 -> 171 rows per worker
+    bp = batch_plan(cfg, 12_000, _replay(cfg))
+    assert (bp.own_per_batch, bp.extra_per_batch["replay"]) == (128, 43)  # 128 -> 171 rows per worker
     assert bp.total_steps == 12_000 // (2 * 128)
-    assert bp.replay_rows_needed == bp.total_steps * 2 * 43
+    assert bp.extra_rows_needed == {"replay": bp.total_steps * 2 * 43}
 
 
 def test_replace_mode_keeps_naive_batch_and_step_count():
     common = {"optim": {"batch_size": 128, "grad_accum_steps": 2, "epochs_per_segment": 1.5},
               "scaling": {"num_workers": 2}}
-    naive = batch_plan(_cfg(**common), 12_000, with_replay=False)
+    naive = batch_plan(_cfg(**common), 12_000)
     cfg = _cfg(**common, replay={"size": 100, "ratio": 0.25, "mode": "replace"})
-    bp = batch_plan(cfg, 12_000, with_replay=True)
-    assert (bp.own_per_batch, bp.replay_per_batch) == (96, 32)
-    assert bp.own_per_batch + bp.replay_per_batch == naive.own_per_batch == 128
+    bp = batch_plan(cfg, 12_000, _replay(cfg))
+    assert (bp.own_per_batch, bp.extra_per_batch["replay"]) == (96, 32)
+    assert bp.micro_batch == naive.micro_batch == naive.own_per_batch == 128
     assert bp.total_steps == naive.total_steps == int(np.ceil(12_000 // (2 * 128 * 2) * 1.5))
-    assert bp.replay_rows_needed == bp.total_steps * 2 * 2 * 32
+    assert bp.extra_rows_needed == {"replay": bp.total_steps * 2 * 2 * 32}
     # Before the buffer has rows (segment 0) a replay run is exactly naive.
-    assert batch_plan(cfg, 12_000, with_replay=False) == naive
+    assert batch_plan(cfg, 12_000) == naive
 
 
 def test_replace_mode_keeps_at_least_one_row_of_each_kind():
     cfg = _cfg(optim={"batch_size": 4, "steps_per_segment": 7}, replay={"size": 10, "ratio": 0.9, "mode": "replace"})
-    bp = batch_plan(cfg, 100, with_replay=True)
-    assert (bp.own_per_batch, bp.replay_per_batch, bp.total_steps) == (1, 3, 7)
+    bp = batch_plan(cfg, 100, _replay(cfg))
+    assert (bp.own_per_batch, bp.extra_per_batch["replay"], bp.total_steps) == (1, 3, 7)
     small = _cfg(optim={"batch_size": 64}, replay={"size": 10, "ratio": 0.001, "mode": "replace"})
-    assert batch_plan(small, 10_000, with_replay=True).replay_per_batch == 1
+    assert batch_plan(small, 10_000, _replay(small)).extra_per_batch["replay"] == 1
     with pytest.raises(ValueError, match="fewer than one step"):
         batch_plan(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"steps_per_segment": None})}),
-                   5, with_replay=True)
+                   5, _replay(cfg))
 
 
 # --------------------------------------------------------------------------- augmentation streams
@@ -218,9 +224,12 @@ def test_importance_pass_draws_only_the_segments_own_rows():
             pulled["replay"] += 1
             yield b
 
-    src = BatchSource(_const_batches(1, 5), replay(), np.random.default_rng(0))
+    src = BatchSource(_const_batches(1, 5), [replay()], np.random.default_rng(0))
     mixed = src.mixed()
     assert mixed.shape[0] == 8 and set(np.unique(mixed)) == {1, 2}
+    # Any number of extra datasets mix in generically, in order.
+    two = BatchSource(_const_batches(1, 4), [_const_batches(7, 2), _const_batches(9, 1)], np.random.default_rng(0))
+    assert two.mixed()[:, 0, 0, 0].tolist() == [1, 1, 1, 1, 7, 7, 9]
     counter = [0]
     imp = list(importance_images(src, 4, counter))
     assert len(imp) == 4 and all(b.shape[0] == 5 and np.all(b == 1) for b in imp)

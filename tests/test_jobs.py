@@ -1,4 +1,5 @@
-"""Ray Jobs submission (streamssl.jobs): job spec, fail-fast errors, and real jobs on a real head.
+"""Ray Jobs submission (streamssl.jobs, `streamssl submit`): job spec, fail-fast errors, and real
+jobs on a real head.
 
 The real-head tests start their own `ray start --head --block` on 127.0.0.1 with every port
 chosen free, a private --temp-dir and token authentication (Ray 2.60's default for local
@@ -30,12 +31,11 @@ import psutil
 import pytest
 import requests
 
+from streamssl.cli import main as cli_main
 from streamssl.config import ConfigError
 from streamssl.jobs import (
-    DEFAULT_EXCLUDES,
     SubmitError,
     build_job_spec,
-    main,
     normalize_address,
     submit,
 )
@@ -60,10 +60,10 @@ def _repo_cwd(monkeypatch):
 
 
 def test_spec_runs_the_same_cli_command_with_repo_as_working_dir():
-    spec = build_job_spec(CONFIG, ["optim.lr=0.1", "run_dir=s3://bucket/runs/a b"])
+    overrides = ["optim.lr=0.1", "run_dir=s3://bucket/runs/a b", "tracking.tracking_uri=http://mlflow:5000"]
+    spec = build_job_spec(CONFIG, overrides)
     argv = shlex.split(spec.entrypoint)
-    assert argv == ["python", "-m", "streamssl.cli", "train", CONFIG, "optim.lr=0.1",
-                    "run_dir=s3://bucket/runs/a b"]
+    assert argv == ["python", "-m", "streamssl.cli", "train", CONFIG, *overrides]
     env = spec.runtime_env
     assert env["working_dir"] == str(ROOT)
     assert {"/.venv", "/runs", "/data", "/.git"} <= set(env["excludes"])
@@ -76,10 +76,10 @@ def test_spec_runs_the_same_cli_command_with_repo_as_working_dir():
 
 
 def test_spec_absolute_config_path_becomes_relative_to_working_dir():
-    spec = build_job_spec(str(ROOT / CONFIG), ["data.dataset_dir=gs://b/ds", "run_dir=gs://b/runs/x"],
-                          command="tune")
+    spec = build_job_spec(str(ROOT / CONFIG), ["data.dataset_dir=gs://b/ds", "run_dir=gs://b/runs/x",
+                                               "tracking.tracking_uri=http://mlflow:5000"], command="tune")
     assert shlex.split(spec.entrypoint)[3:5] == ["tune", CONFIG]
-    assert spec.notes == ()  # object-store data and run dirs: nothing to warn about
+    assert spec.notes == ()  # object-store data and run dirs, an MLflow server: nothing to warn about
 
 
 def test_spec_config_outside_working_dir_or_missing_is_refused(tmp_path):
@@ -114,6 +114,43 @@ def test_spec_rejects_unknown_command_and_resume_passes_uri_through():
         build_job_spec(CONFIG, [], command="submit")
     spec = build_job_spec("s3://bucket/runs/x", [], command="resume")
     assert shlex.split(spec.entrypoint)[3:] == ["resume", "s3://bucket/runs/x"]
+    spec = build_job_spec("s3://bucket/runs/x", ["segments=2"], command="extend")  # a new drop, as a job
+    assert shlex.split(spec.entrypoint)[3:] == ["extend", "s3://bucket/runs/x", "segments=2"]
+
+
+def test_object_store_run_dir_needs_an_mlflow_server_and_passes_through(capsys):
+    run_dir = "s3://bucket/runs/x?endpoint_override=minio:9000&scheme=http"
+    base = [f"run_dir={run_dir}", "data.dataset_dir=s3://bucket/ds/fmnist?endpoint_override=minio:9000&scheme=http"]
+    # MLflow's default SQLite store would have to live in the object-store run dir: refused
+    # locally, before any network (the address is a closed port), naming the setting.
+    with pytest.raises(ConfigError, match="tracking.tracking_uri=http://"):
+        build_job_spec(CONFIG, base)
+    assert cli_main(["submit", "--address", f"http://127.0.0.1:{_free_port()}", CONFIG, *base]) == 2
+    assert "tracking.tracking_uri" in capsys.readouterr().err
+    spec = build_job_spec(CONFIG, [*base, "tracking.tracking_uri=http://mlflow:5000"])
+    assert spec.notes == ()
+    # The URIs with their query reach the job's CLI unchanged (quoted for the shell).
+    assert shlex.split(spec.entrypoint)[5:7] == base
+    assert build_job_spec(CONFIG, [*base, "tracking.enabled=false"]).notes == ()
+    # A relative SQLite file would land in the job's temporary working_dir.
+    relative = build_job_spec(CONFIG, [*base, "tracking.tracking_uri=sqlite:///mlflow.db"]).notes
+    assert len(relative) == 1 and "relative SQLite" in relative[0]
+
+
+def test_env_reaches_the_runtime_env_and_key_alone_takes_the_local_value(monkeypatch):
+    from streamssl.cli import build_parser
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.delenv("STREAMSSL_UNSET_VAR", raising=False)
+    args = build_parser().parse_args(["submit", "--address", "http://h:8265", CONFIG,
+                                      "--env", "AWS_ENDPOINT_URL=http://minio:9000",
+                                      "--env", "AWS_SECRET_ACCESS_KEY"])
+    env = dict(args.env)
+    assert env == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    spec = build_job_spec(CONFIG, [], env=env)
+    assert spec.runtime_env["env_vars"] == {"PYTHONUNBUFFERED": "1", **env}
+    with pytest.raises(SystemExit):  # argparse names the unset variable and exits 2
+        build_parser().parse_args(["submit", "--address", "h", CONFIG, "--env", "STREAMSSL_UNSET_VAR"])
 
 
 def test_config_errors_are_raised_before_any_network():
@@ -136,7 +173,7 @@ def test_unreachable_address_fails_fast_naming_it():
     address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(SubmitError) as err:
-        submit(address, CONFIG, ["data.dataset_dir=s3://b/d", "run_dir=s3://b/r"])
+        submit(address, CONFIG, ["data.dataset_dir=s3://b/d", "run_dir=s3://b/r", "tracking.enabled=false"])
     assert time.monotonic() - t0 < 15
     assert address in str(err.value) and "cannot reach" in str(err.value)
 
@@ -144,7 +181,7 @@ def test_unreachable_address_fails_fast_naming_it():
 def test_cli_entry_point_reports_unreachable_address(capsys):
     address = f"http://127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
-    code = main(["--address", address, CONFIG, "run_dir=s3://b/r"])
+    code = cli_main(["submit", "--address", address, CONFIG, "run_dir=s3://b/r", "tracking.enabled=false"])
     assert code == 1 and time.monotonic() - t0 < 15
     assert address in capsys.readouterr().err
 
@@ -240,10 +277,13 @@ def test_real_job_succeeds_ships_working_dir_and_streams_logs(ray_head, monkeypa
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     # An explicit address must win over RAY_ADDRESS (JobSubmissionClient prefers the variable).
     monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{_free_port()}")
-    code = ("import os, pathlib, streamssl; "
+    code = ("import os, pathlib, ray, streamssl; "
             "print('streamssl-job-ok', os.environ['STREAMSSL_T'], streamssl.__file__); "
             "print('streamssl-files', ','.join(sorted(p.as_posix() for p in "
-            "pathlib.Path('streamssl').rglob('*.py'))))")
+            "pathlib.Path('streamssl').rglob('*.py')))); "
+            # --env reaches the job's tasks too (how AWS_ENDPOINT_URL etc. reach Train workers).
+            "ray.init(); task = ray.remote(num_cpus=0.5)(lambda: os.environ.get('STREAMSSL_T')); "
+            "print('streamssl-task-env', ray.get(task.remote()))")
     result = submit(url, None, entrypoint=f"python -c {shlex.quote(code)}",
                     env={"STREAMSSL_T": "v1"}, follow=True, timeout_s=120)
     out = capsys.readouterr().out
@@ -252,6 +292,7 @@ def test_real_job_succeeds_ships_working_dir_and_streams_logs(ray_head, monkeypa
     line = next(ln for ln in out.splitlines() if ln.startswith("streamssl-job-ok"))
     _, value, module_file = line.split()
     assert value == "v1"
+    assert "streamssl-task-env v1" in out
     # The job imported the uploaded copy of the package, not this checkout...
     assert not module_file.startswith(str(ROOT)) and module_file.endswith("streamssl/__init__.py")
     # ...and that copy is complete: excludes and .gitignore dropped no module.
@@ -309,8 +350,6 @@ def test_real_stream_job_trains_and_records_mlflow_runs(ray_head, tiny_dataset, 
     2 workers for 0.5 each, which leaves 1 whole CPU for Ray Data's read task.
     """
     from mlflow.tracking import MlflowClient
-
-    from streamssl.cli import main as cli_main
 
     url, token = ray_head
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)

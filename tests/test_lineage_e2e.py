@@ -4,8 +4,9 @@ A 2-segment tiny stream (2 Ray Train workers with DeepSpeed, replay + MAS, evalu
 segment) runs through ``StreamRunner`` with the default callbacks, tracking to an ``mlflow server``
 on 127.0.0.1 (SQLite backend, free port). Everything is then read back through ``MlflowClient``
 over REST and checked against what the run directory says happened: run tree, checkpoint
-lineage, dataset inputs, rank 0's live per-step metrics, evaluation metrics, plots, and the final
-encoder as an MLflow model. One fit pair: about two minutes on 2 cores.
+lineage, dataset inputs, rank 0's per-step metrics (live, through the driver), evaluation
+metrics, the random-init baseline, plots, and the final encoder as an MLflow model. One fit
+pair: about two minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
                                   tracking__experiment=experiment))
     callbacks = default_callbacks(cfg)
     assert [type(c).__name__ for c in callbacks] == ["MlflowTracker"]
+    # Record what reaches the tracker while the segments train (rank 0's step records, via the driver).
+    tracker, events = callbacks[0], []
+    for hook in ("on_train_steps", "on_segment_end"):
+        def spy(*args, _hook=hook, _orig=getattr(tracker, hook)):
+            events.append((_hook, args[1] if _hook == "on_train_steps" else args[1].segment,
+                           [r["step"] for r in args[2]] if _hook == "on_train_steps" else None))
+            return _orig(*args)
+        setattr(tracker, hook, spy)
     results = StreamRunner(cfg, run_dir, callbacks=callbacks).run()
     assert [r.segment for r in results] == [0, 1]
     assert not (run_dir / "mlflow.db").exists()  # everything went to the server
@@ -91,19 +100,21 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     seg1_input_tags = {t.key: t.value for d in s1.inputs.dataset_inputs for t in d.tags}
     assert seg1_input_tags["segment"] == "1" and seg1_input_tags["trained_segments"] == "1 + replay"
 
-    # -- per-step metrics from rank 0, live: one point per step, rank 0's values (steps.jsonl),
-    # logged during training. The tracker's back-fill from steps.jsonl at segment end would give
-    # every point the same timestamp; live points carry their step's time.
+    # -- per-step metrics from rank 0: one point per step, rank 0's values (steps.jsonl), handed
+    # to the tracker by the driver while the segment trained (before its on_segment_end).
+    for t in (0, 1):
+        live = [steps for hook, seg, steps in events if hook == "on_train_steps" and seg == t]
+        assert sorted(s for batch in live for s in batch) == list(range(STEPS)), events
+        first_end = events.index(("on_segment_end", t, None))
+        assert all(events.index(("on_train_steps", t, batch)) < first_end for batch in live)
     for run, ck, r in ((s0, ck0, results[0]), (s1, ck1, results[1])):
         rid = run.info.run_id
         steps = [json.loads(line) for line in (Path(ck) / "steps.jsonl").read_text().splitlines()]
         hist = sorted(client.get_metric_history(rid, "train/loss"), key=lambda m: m.step)
         assert [m.step for m in hist] == list(range(STEPS)) == [s["step"] for s in steps]
         assert [m.value for m in hist] == pytest.approx([s["loss"] for s in steps])
-        assert len({m.timestamp for m in hist}) > 1, "train/loss was not logged live by rank 0"
         assert max(m.timestamp for m in hist) <= run.info.end_time
         assert len(client.get_metric_history(rid, "train/lr")) == STEPS
-        # What rank 0 only wrote to steps.jsonl (MoCo's pos_sim) arrives through the back-fill.
         assert [m.step for m in client.get_metric_history(rid, "train/pos_sim")] == list(range(STEPS))
         assert run.data.metrics["segment/train/loss"] == pytest.approx(r.metrics["train/loss"])
 
@@ -118,6 +129,12 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     assert 0.0 < s1.data.metrics["eval/cka_prev"] <= 1.0
     assert s1.data.metrics["eval/cka_prev"] == pytest.approx(results[1].metrics["eval/cka_prev"])
     assert [m.step for m in client.get_metric_history(pid, "eval/knn_acc")] == [0, 1]
+    # the random-init baseline, evaluated once (cached in the run directory), flat on the stream run
+    cached = json.loads((run_dir / "random_init.json").read_text())["metrics"]
+    for probe in ("knn", "linear"):
+        hist = client.get_metric_history(pid, f"baseline/random_init_{probe}_acc")
+        assert [m.step for m in hist] == [0, 1] and {m.value for m in hist} == {cached[f"eval/{probe}_acc"]}
+        assert 0.0 <= cached[f"eval/{probe}_acc"] <= 1.0
     assert len(results[1].accuracy_row["eval/knn_acc"]) == 2  # class-incremental: one entry per segment
 
     # -- plots on the stream run

@@ -25,12 +25,12 @@ def _result(t: int, run: RunLayout) -> SegmentResult:
 
 def test_layout_names_and_paths(tmp_path: Path) -> None:
     run = RunLayout(tmp_path)
-    assert run.checkpoint(3) == tmp_path / "checkpoints" / "segment-003"
-    assert RunLayout.of_checkpoint(run.checkpoint(3)).root == tmp_path
+    assert run.checkpoint(3).uri == str(tmp_path / "checkpoints" / "segment-003")
+    assert RunLayout.of_checkpoint(run.checkpoint(3)).root.uri == str(tmp_path)
     assert (run.config.name, run.state.name, run.results.name, run.mlflow_run.name) == \
         ("config.yaml", "state.json", "results.json", "mlflow_run.json")
     # The plan copy is written by streamssl.data; both must name its metadata file alike.
-    assert run.plan_meta == tmp_path / "plan" / data_layout.STREAM_META_FILE == tmp_path / layout.PLAN_DIR / layout.PLAN_META_FILE
+    assert Path(run.plan_meta) == tmp_path / "plan" / data_layout.STREAM_META_FILE == tmp_path / layout.PLAN_DIR / layout.PLAN_META_FILE
 
 
 def test_state_and_results_share_one_entry_form(tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_old_state_entries_still_resume(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text(json.dumps({"completed": [old], "in_progress": None}))  # NaN literal, as then
     state = read_state(tmp_path)
     assert state.completed[0].checkpoint_dir == old["checkpoint"] and math.isnan(state.completed[0].metrics["train/loss"])
-    assert resolve_checkpoint(tmp_path) == Path(old["checkpoint"])
+    assert resolve_checkpoint(tmp_path).uri == old["checkpoint"]
     assert result_from_dict(old).checkpoint_dir == state.completed[0].checkpoint_dir
     assert read_state(tmp_path / "none") == RunState()
 
@@ -74,3 +74,22 @@ def test_json_writer_is_atomic_and_strict(tmp_path: Path) -> None:
     p = write_json_atomic(tmp_path / "x.json", {"a": float("inf"), "b": np.float32(0.5), "c": (1, 2)})
     assert read_json(p) == {"a": None, "b": 0.5, "c": [1, 2]}
     assert [q.name for q in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_run_dir_uris(tmp_path: Path) -> None:
+    """file:// is local disk; a scheme no pyarrow filesystem serves is a config error naming run_dir."""
+    from streamssl.config import ConfigError
+    from streamssl.run.layout import canonical_run_dir
+    from streamssl.storage import Location
+
+    assert canonical_run_dir(f"file://{tmp_path}/run") == str(tmp_path / "run")
+    assert RunLayout(f"file://{tmp_path}/run").is_local
+    with pytest.raises(ConfigError, match="run_dir"):
+        canonical_run_dir("nosuchfs://bucket/run")
+    # A URI keeps its credentials and query for every location below it.
+    loc = Location("s3://key:secret@bucket/runs/x?endpoint_override=127.0.0.1:9000&scheme=http")
+    assert (RunLayout(loc).checkpoint(2) / "meta.json").uri == \
+        "s3://key:secret@bucket/runs/x/checkpoints/segment-002/meta.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert RunLayout.of_checkpoint(RunLayout(loc).checkpoint(2)).root == loc and not loc.is_local
+    with pytest.raises(TypeError):
+        Path(loc)  # a URI is never mistaken for a local path

@@ -12,9 +12,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -31,18 +33,16 @@ from streamssl.train.callbacks import SegmentResult, StreamContext
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session fixture)
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.entities import Metric  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from streamssl.tracking.mlflow_tracker import (  # noqa: E402
-    MlflowTracker,
-    finish_sweep_run,
+from streamssl.tracking.mlflow_store import (  # noqa: E402
     flatten_params,
     local_artifact_root,
     resolve_tracking_uri,
-    start_sweep_run,
 )
+from streamssl.tracking.mlflow_tracker import MlflowTracker  # noqa: E402
+from streamssl.tracking.sweep_runs import finish_sweep_run, start_sweep_run  # noqa: E402
 from streamssl.tracking.plots import (  # noqa: E402
     PLOT_FILES,
     plot_accuracy_per_segment,
@@ -77,12 +77,36 @@ class TinyEncoder(nn.Module):
         return self.net(x)
 
 
+# What evaluate_random_init returns for the simulated stream: below the stream's own accuracy.
+RANDOM_INIT = {"eval/knn_acc": 0.35, "eval/linear_acc": 0.42, "eval/fewshot_acc": 0.3, "eval/fewshot_ci95": 0.04,
+               "eval/linear_train_acc": 0.6}
+
+
+class FakeRandomInit:
+    """Stand-in for evaluate_random_init (which needs Ray and a real dataset); counts its calls."""
+
+    def __init__(self, metrics: dict[str, float] | None = None) -> None:
+        self.metrics = dict(RANDOM_INIT if metrics is None else metrics)
+        self.calls = 0
+
+    def __call__(self, cfg: Config) -> dict[str, float]:
+        self.calls += 1
+        return dict(self.metrics)
+
+
+def never_evaluate(cfg: Config) -> dict[str, float]:
+    pytest.fail("the random-init baseline was evaluated again instead of read from the run directory")
+
+
 # --------------------------------------------------------------------------- a simulated stream
 
 
 def make_stream(tmp: Path, *, tracking_uri: str | None = None, experiment: str = "streamssl",
-                name: str = "tracktest", resumed: bool = False) -> StreamContext:
-    """Dataset dir (index.parquet + dataset.json + ingest report) and a run dir with a 2-segment plan."""
+                name: str = "tracktest", resumed: bool = False, random_init: bool = False) -> StreamContext:
+    """Dataset dir (index.parquet + dataset.json + ingest report) and a run dir with a 2-segment plan.
+
+    ``random_init``: whether the stream shows the random-init baseline (``eval.random_init_baseline``;
+    off by default here: evaluating it needs Ray and a real dataset, tests pass a fake evaluator)."""
     data = tmp / "data"
     if not data.exists():
         data.mkdir(parents=True)
@@ -114,6 +138,7 @@ def make_stream(tmp: Path, *, tracking_uri: str | None = None, experiment: str =
     cfg = Config(name=name, run_dir=str(run_dir))
     cfg.tracking.tracking_uri = tracking_uri
     cfg.tracking.experiment = experiment
+    cfg.eval.random_init_baseline = random_init
     return StreamContext(config=cfg, run_dir=str(run_dir), dataset_dir=str(data), plan_dir=str(plan_dir),
                          num_segments=2, dataset_meta=json.loads((data / layout.DATASET_FILE).read_text()),
                          plan_meta=json.loads((plan_dir / layout.STREAM_META_FILE).read_text()), resumed=resumed)
@@ -125,13 +150,14 @@ def step_records(t: int) -> list[dict]:
 
 
 def start_segment(tracker: MlflowTracker, ctx: StreamContext, t: int, *, live: bool) -> str:
-    """on_segment_start, then what rank 0 of the workers does with the ids it is handed."""
+    """on_segment_start, then (``live``) rank 0's step records as the driver passes them on while
+    the segment trains: in batches, through on_train_steps."""
     tracker.on_segment_start(ctx, t)
     run_id = ctx.tracking.segment_run_id
-    if live:  # the worker's _StepLogger: loss, penalty, lr, step_time_s, live
-        client = MlflowClient(ctx.tracking.tracking_uri)
-        client.log_batch(run_id, metrics=[Metric(f"train/{k}", r[k], 0, r["step"]) for r in step_records(t)
-                                          for k in ("loss", "penalty", "lr", "step_time_s")])
+    if live:
+        recs = step_records(t)
+        tracker.on_train_steps(ctx, t, recs[:4])
+        tracker.on_train_steps(ctx, t, recs[4:])
     return run_id
 
 
@@ -168,8 +194,9 @@ def input_digests(run) -> set[str]:
 
 
 def test_two_segment_stream_lineage(tmp_path: Path) -> None:
-    ctx = make_stream(tmp_path)
-    tracker = MlflowTracker(strict=True, encoder_loader=lambda path: TinyEncoder())
+    ctx = make_stream(tmp_path, random_init=True)
+    random_init = FakeRandomInit()
+    tracker = MlflowTracker(strict=True, encoder_loader=lambda path: TinyEncoder(), random_init_evaluator=random_init)
     tracker.on_stream_start(ctx)
     parent = ctx.tracking.stream_run_id
     uri = ctx.tracking.tracking_uri
@@ -214,10 +241,15 @@ def test_two_segment_stream_lineage(tmp_path: Path) -> None:
         assert json.loads(d.dataset.profile)["num_rows"] == 20 and "image_id" in d.dataset.schema
         assert "digest_full" in {t.key for t in d.tags}
 
-    # per-step metrics: live ones are not duplicated, the rest come from the JSONL
+    # per-step metrics: segment 0's came live (on_train_steps), segment 1's from its steps.jsonl;
+    # the back-fill does not duplicate live ones, and records for a closed segment are dropped
+    tracker.on_train_steps(ctx, 0, step_records(0))
     for run_id in (seg0_id, seg1_id):
         assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(STEPS))
         assert len(client.get_metric_history(run_id, "train/pos_sim")) == STEPS
+    live = client.get_metric_history(seg0_id, "train/pos_sim")
+    assert [m.value for m in sorted(live, key=lambda m: m.step)] == pytest.approx([r["pos_sim"] for r in step_records(0)])
+    assert "train/segment" not in client.get_run(seg0_id).data.metrics
     assert client.get_run(seg1_id).data.metrics["segment/train/loss"] == 3.0
     assert client.get_run(seg1_id).data.metrics["eval/knn_acc"] == pytest.approx(0.7)
 
@@ -226,6 +258,25 @@ def test_two_segment_stream_lineage(tmp_path: Path) -> None:
     forget = client.get_metric_history(parent, "stream/knn_avg_forgetting")
     assert [(m.step, round(m.value, 6)) for m in forget] == [(1, 0.3)]
     assert prun.data.metrics["stream/images_processed"] == 48
+    # the random-init baseline: evaluated once, the same value at every segment step (a flat line)
+    assert random_init.calls == 1
+    for probe in ("knn", "linear", "fewshot"):
+        hist = client.get_metric_history(parent, f"baseline/random_init_{probe}_acc")
+        assert [(m.step, m.value) for m in hist] == [(0, RANDOM_INIT[f"eval/{probe}_acc"]),
+                                                      (1, RANDOM_INIT[f"eval/{probe}_acc"])]
+    assert not any(k.startswith("baseline/") for k in client.get_run(seg0_id).data.metrics)  # parent only
+    assert "baseline/random_init_fewshot_ci95" not in prun.data.metrics  # held-out accuracies only
+    assert "baseline/random_init_linear_train_acc" not in prun.data.metrics
+    cached = json.loads((tmp_path / "run" / "random_init.json").read_text())
+    assert cached["metrics"] == RANDOM_INIT and cached["schema_version"] == 1
+    # the run's description links to MLflow's metric page: each probe with its random-init level
+    note = prun.data.tags["mlflow.note.content"]
+    links = dict(re.findall(r"\[(\w+)\]\((#/metric/\?[^)]+)\)", note))
+    assert sorted(links) == ["fewshot", "knn", "linear"]
+    query = parse_qs(links["linear"].split("?", 1)[1])
+    assert json.loads(query["plot_metric_keys"][0]) == ["eval/linear_acc", "baseline/random_init_linear_acc"]
+    assert json.loads(query["runs"][0]) == [parent] and json.loads(query["experiments"][0]) == [prun.info.experiment_id]
+    assert query["workflowType"] == ["machine_learning"]
 
     # params, tags, artifacts
     assert prun.data.params["optim.lr"] == "0.06" and prun.data.params["regularization.lambda"] == "1.0"
@@ -255,8 +306,9 @@ def test_two_segment_stream_lineage(tmp_path: Path) -> None:
 
 
 def test_resume_continues_parent_and_replaces_cut_off_segment(tmp_path: Path) -> None:
-    ctx = make_stream(tmp_path)
-    first = MlflowTracker(strict=True, log_model=False)
+    ctx = make_stream(tmp_path, random_init=True)
+    random_init = FakeRandomInit()
+    first = MlflowTracker(strict=True, log_model=False, random_init_evaluator=random_init)
     first.on_stream_start(ctx)
     parent = ctx.tracking.stream_run_id
     seg0_id = start_segment(first, ctx, 0, live=False)
@@ -265,11 +317,12 @@ def test_resume_continues_parent_and_replaces_cut_off_segment(tmp_path: Path) ->
     del first
     gc.collect()  # a killed process runs no exit handlers: nothing may close the runs
 
-    ctx2 = make_stream(tmp_path, resumed=True)
-    second = MlflowTracker(strict=True, log_model=False)
+    ctx2 = make_stream(tmp_path, resumed=True, random_init=True)
+    second = MlflowTracker(strict=True, log_model=False, random_init_evaluator=never_evaluate)
     second.on_stream_start(ctx2)
     assert ctx2.tracking.stream_run_id == parent
     client = MlflowClient(ctx2.tracking.tracking_uri)
+    client.set_tag(parent, "mlflow.note.content", "my notes")  # a person's description stays
     assert client.get_run(parent).data.tags["resume_count"] == "1"
     assert client.get_run(cut_id).info.status == "RUNNING"
     new_id = start_segment(second, ctx2, 1, live=False)
@@ -288,6 +341,11 @@ def test_resume_continues_parent_and_replaces_cut_off_segment(tmp_path: Path) ->
     # the parent's per-segment history spans the restart (segment 0 came from the first process)
     assert [m.step for m in client.get_metric_history(parent, "eval/linear_acc")] == [0, 1]
     assert {a.path for a in client.list_artifacts(parent, "plots")} == {f"plots/{f}" for f in PLOT_FILES}
+    # the baseline came from the run directory after the restart: one evaluation for the stream
+    assert random_init.calls == 1
+    assert client.get_run(parent).data.tags["mlflow.note.content"] == "my notes"
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "baseline/random_init_linear_acc")] == [
+        (0, 0.42), (1, 0.42)]
 
 
 CRASH = """
@@ -333,6 +391,63 @@ def test_fresh_start_in_used_dir_gets_new_parent(tmp_path: Path) -> None:
     b.close("KILLED")
     assert client.get_run(ctx2.tracking.stream_run_id).info.status == "KILLED"
     a.close()
+
+
+def test_random_init_baseline_only_with_eval_and_cached_per_config(tmp_path: Path) -> None:
+    from streamssl.tracking import baseline
+
+    # off: eval.enabled=false or eval.random_init_baseline=false -> no evaluation, no metric
+    for switch in ("eval.enabled", "eval.random_init_baseline"):
+        ctx = make_stream(tmp_path / switch, random_init=True)
+        section, field = switch.split(".")
+        setattr(getattr(ctx.config, section), field, False)
+        tracker = MlflowTracker(strict=True, log_model=False, plots=False, random_init_evaluator=never_evaluate)
+        tracker.on_stream_start(ctx)
+        start_segment(tracker, ctx, 0, live=False)
+        end_segment(tracker, ctx, 0, None)
+        tracker.on_stream_end(ctx, [])
+        metrics = MlflowClient(ctx.tracking.tracking_uri).get_run(ctx.tracking.stream_run_id).data.metrics
+        assert "eval/linear_acc" in metrics and not any(k.startswith("baseline/") for k in metrics), switch
+        assert not (Path(ctx.run_dir) / "random_init.json").exists()
+
+    # the cache is keyed by what the numbers depend on (data, model, eval, seed), not the rest
+    cfg = make_stream(tmp_path / "cache", random_init=True).config
+    run_dir = tmp_path / "cache" / "run"
+    evaluate = FakeRandomInit()
+    assert baseline.random_init_baseline(cfg, run_dir, evaluate) == RANDOM_INIT and evaluate.calls == 1
+    assert baseline.random_init_baseline(cfg, str(run_dir), never_evaluate) == RANDOM_INIT
+    cfg.optim.lr = 0.5  # training settings do not change an untrained encoder
+    assert baseline.random_init_baseline(cfg, run_dir, never_evaluate) == RANDOM_INIT
+    cfg.eval.knn_k = 5  # a different probe: evaluated again, and cached for the new config
+    assert baseline.random_init_baseline(cfg, run_dir, FakeRandomInit({"eval/knn_acc": 0.2})) == {"eval/knn_acc": 0.2}
+    assert baseline.random_init_baseline(cfg, run_dir, never_evaluate) == {"eval/knn_acc": 0.2}
+    assert baseline.accuracy_metrics(RANDOM_INIT) == {"baseline/random_init_fewshot_acc": 0.3,
+                                                      "baseline/random_init_knn_acc": 0.35,
+                                                      "baseline/random_init_linear_acc": 0.42}
+
+
+def test_object_store_run_dir_needs_a_tracking_uri(tmp_path: Path) -> None:
+    """The default store is SQLite inside the run directory: impossible on an object store. The
+    error names both ways out, and is raised even by a non-strict tracker (before any training)."""
+    from streamssl.config import ConfigError
+    from streamssl.tracking.mlflow_store import default_tracking_uri
+
+    remote = "s3://bucket/runs/x?region=us-east-1&endpoint_override=127.0.0.1:9&scheme=http"  # never contacted
+    cfg = Config()
+    with pytest.raises(ConfigError, match=r"tracking\.tracking_uri") as e:
+        resolve_tracking_uri(cfg, remote)
+    assert "tracking.enabled=false" in str(e.value) and "s3://bucket/runs/x" in str(e.value)
+    with pytest.raises(ConfigError):
+        default_tracking_uri(remote)
+    cfg.tracking.tracking_uri = "http://127.0.0.1:5000"
+    assert resolve_tracking_uri(cfg, remote) == "http://127.0.0.1:5000"
+
+    ctx = make_stream(tmp_path)
+    ctx.run_dir = remote
+    tracker = MlflowTracker(strict=False)
+    with pytest.raises(ConfigError, match="tracking.enabled=false"):
+        tracker.on_stream_start(ctx)
+    assert ctx.tracking.stream_run_id is None
 
 
 def test_sweep_run_is_parent_of_stream_runs(tmp_path: Path) -> None:
@@ -444,6 +559,36 @@ def test_plots_render_pngs(tmp_path: Path) -> None:
     assert not (tmp_path / "l.png").exists() and not (tmp_path / "a.png").exists()
 
 
+def test_accuracy_plot_draws_the_random_init_baseline(tmp_path: Path) -> None:
+    from streamssl.tracking.plots import BASELINE_STYLE, accuracy_figure
+
+    results = _results(3, tmp_path)
+    results[0].metrics["eval/linear_train_acc"] = 0.99  # the probe's fit on its own training set: not drawn
+    base = {"eval/knn_acc": 0.31, "eval/linear_acc": 0.44, "eval/fewshot_acc": 0.2, "eval/knn_acc_seg0": 0.9,
+            "eval/linear_train_acc": 0.97}
+    ax = accuracy_figure(results, base).axes[0]
+    assert ax.get_ylim() == pytest.approx((0.25, 0.75))  # what is drawn (0.31 .. 0.7) + 0.05, in 0.05 steps
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"knn_acc", "linear_acc", "knn_acc at random init", "linear_acc at random init"}
+    for probe, level in (("knn_acc", 0.31), ("linear_acc", 0.44)):
+        flat = lines[f"{probe} at random init"]
+        assert flat.get_linestyle() == BASELINE_STYLE and set(flat.get_ydata()) == {level}
+        assert flat.get_color() == lines[probe].get_color()  # same colour as the probe it belongs to
+        assert lines[probe].get_linestyle() == "-"
+    assert "random init" in ax.get_title()
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == set(lines)
+    # no baseline (or a NaN one): the stream's lines only
+    for none in (None, {"eval/knn_acc": float("nan")}):
+        ax = accuracy_figure(results, none).axes[0]
+        assert [ln.get_label() for ln in ax.get_lines()] == ["knn_acc", "linear_acc"]
+        assert "random init" not in ax.get_title() and ax.get_ylim() == pytest.approx((0.45, 0.75))
+    # and it reaches the PNG
+    with_base = render_plots(results, tmp_path / "with", base)[0]
+    without = render_plots(results, tmp_path / "without")[0]
+    assert with_base.name == without.name == PLOT_FILES[0]
+    assert with_base.read_bytes()[:8] == PNG_MAGIC and with_base.read_bytes() != without.read_bytes()
+
+
 # --------------------------------------------------------------------------- results.json + report
 
 
@@ -545,11 +690,18 @@ def test_encoder_features_on_probe_images() -> None:
 
 
 def test_experiment_opens_in_the_model_training_view(tmp_path: Path) -> None:
-    """MLflow 3's UI reads ``mlflow.experimentKind``; without it an experiment may open on the GenAI
-    traces overview. New experiments get the tag, and so do existing ones that lack it."""
+    """MLflow 3 UIs without the GenAI / Model-training switch read ``mlflow.experimentKind``; without
+    it an experiment may open on the GenAI traces overview. New experiments get the tag, and so do
+    existing ones that lack it. UIs with the switch (3.17) need the workflow in the link
+    (checked in a browser by tests/test_mlflow_ui.py)."""
     from mlflow.tracking import MlflowClient
 
-    from streamssl.tracking.mlflow_tracker import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, ensure_experiment
+    from streamssl.tracking.mlflow_store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, ensure_experiment, ui_url
+
+    assert ui_url("http://127.0.0.1:5000/", "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert ui_url("https://mlflow.example", "3") == "https://mlflow.example/#/experiments/3?workflowType=machine_learning"
+    assert ui_url(f"sqlite:///{tmp_path / 'mlflow.db'}", "3") is None
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

@@ -6,8 +6,8 @@ few and check a lot at once:
 * a 3-segment stream whose driver is SIGKILLed after segment 0, then ``streamssl resume``:
   every segment completes once, segment t starts from exactly segment t-1's final weights,
   replay rows and MAS state are carried in the checkpoints;
-* a Ray Train worker process SIGKILLed mid-segment is restarted by Ray Train (FailureConfig)
-  from the latest in-segment checkpoint and the segment still completes.
+* a Ray Train worker process SIGKILLed in the second segment of a run is restarted by Ray Train
+  (FailureConfig) from that segment's latest in-segment checkpoint, and the stream completes.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def tiny_dataset(tmp_path_factory) -> str:
     return str(out)
 
 
-def tiny_config(tmp_path: Path, dataset: str, run_dir: Path, ray_address: str, **extra: object) -> Path:
+def tiny_config(tmp_path: Path, dataset: str, run_dir: Path | str, ray_address: str, **extra: object) -> Path:
     cfg = {
         "name": "e2e",
         "run_dir": str(run_dir),
@@ -81,7 +81,8 @@ def _state(run_dir: Path) -> dict:
 
 def test_stream_driver_killed_then_resumed(tmp_path, tiny_dataset, ray_local):
     run_dir = tmp_path / "run"
-    cfg_path = tiny_config(tmp_path, tiny_dataset, run_dir, ray_local)
+    # Given as a file:// URI: the run directory is opened through pyarrow filesystems.
+    cfg_path = tiny_config(tmp_path, tiny_dataset, f"file://{run_dir}", ray_local)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cli = [sys.executable, "-m", "streamssl.cli"]
     proc = subprocess.Popen([*cli, "train", str(cfg_path)], cwd=tmp_path, env=env, start_new_session=True,
@@ -96,7 +97,7 @@ def test_stream_driver_killed_then_resumed(tmp_path, tiny_dataset, ray_local):
     seg0 = _meta(run_dir, 0)
     seg0_mtime = (run_dir / "checkpoints" / "segment-000" / "model.pt").stat().st_mtime
 
-    out = subprocess.run([*cli, "resume", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    out = subprocess.run([*cli, "resume", f"file://{run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
 
@@ -110,7 +111,10 @@ def test_stream_driver_killed_then_resumed(tmp_path, tiny_dataset, ray_local):
     for t in (1, 2):
         assert metas[t]["init_digest"] == metas[t - 1]["final_digest"], f"segment {t} did not chain"
         assert metas[t]["final_digest"] != metas[t]["init_digest"], f"segment {t} did not train"
-        assert metas[t]["init_source"].startswith("segment checkpoint")
+    # One Ray Train run per stream: the resumed run starts segment 1 from the published checkpoint
+    # and continues segment 2 from the weights segment 1 left in the same workers.
+    assert metas[1]["init_source"].startswith("segment checkpoint")
+    assert metas[2]["init_source"] == "segment 1 (same Ray Train run)"
     # Replay: nothing to replay before segment 1; afterwards replay rows are mixed in.
     replay_rows = [c["metrics"]["data/replay_rows"] for c in state["completed"]]
     assert replay_rows[0] == 0 and replay_rows[1] > 0 and replay_rows[2] > 0
@@ -135,25 +139,27 @@ def test_stream_driver_killed_then_resumed(tmp_path, tiny_dataset, ray_local):
 
 
 def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path, tiny_dataset, ray_local):
+    """Both segments run in one Ray Train run; a worker killed in segment 1 makes Ray Train restart
+    the group from segment 1's latest in-segment checkpoint, not from segment 0."""
     import psutil
 
     from streamssl.config import load_config
     from streamssl.train.driver import StreamRunner
 
     run_dir = tmp_path / "run"
-    cfg_path = tiny_config(tmp_path, tiny_dataset, run_dir, ray_local, stream__segments=1,
-                           optim__steps_per_segment=200, scaling__checkpoint_every_steps=10,
+    cfg_path = tiny_config(tmp_path, tiny_dataset, run_dir, ray_local, stream__segments=2,
+                           optim__steps_per_segment=120, scaling__checkpoint_every_steps=10,
                            scaling__max_failures=2, replay__size=0, regularization__method="none")
     cfg = load_config(cfg_path)
     killed: dict[str, object] = {}
 
     def kill_a_worker() -> None:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline:
             # A checkpoint directory appears before Ray Train's controller has registered it; the
             # controller records registered checkpoints in its manager snapshot, so wait for that.
             snaps = list(run_dir.glob("ray/*/checkpoint_manager_snapshot.json"))
-            if snaps and "step-00000" in snaps[0].read_text():
+            if snaps and "segment-001-step-00000" in snaps[0].read_text():
                 # Ray names worker processes after the actor class ("ray::RayTrainWorker...").
                 workers = [p.pid for p in psutil.process_iter(["cmdline"])
                            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
@@ -165,10 +171,12 @@ def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path,
 
     killer = threading.Thread(target=kill_a_worker, daemon=True)
     killer.start()
-    results = StreamRunner(cfg, run_dir).run()
+    results = StreamRunner(cfg, run_dir, callbacks=[]).run()
     killer.join(timeout=5)
-    assert "pid" in killed, "no in-segment checkpoint appeared before the segment ended"
-    meta = _meta(run_dir, 0)
-    assert meta["final"] and meta["step"] == 200
-    assert meta["init_source"].startswith("in-segment checkpoint at step"), meta["init_source"]
-    assert len(results) == 1
+    assert "pid" in killed, "no in-segment checkpoint of segment 1 appeared before it ended"
+    metas = [_meta(run_dir, t) for t in (0, 1)]
+    assert all(m["final"] and m["step"] == 120 for m in metas)
+    assert metas[0]["init_source"] == "random init"
+    assert metas[1]["init_source"].startswith("in-segment checkpoint at step"), metas[1]["init_source"]
+    assert metas[1]["init_digest"] == metas[0]["final_digest"]  # still chained through the restart
+    assert [r.segment for r in results] == [0, 1] and [c["segment"] for c in _state(run_dir)["completed"]] == [0, 1]

@@ -3,9 +3,11 @@
 One training loop serves every strategy; strategies only *add* to it through a few hooks, in the
 spirit of Avalanche's strategy/plugin split but much smaller. Plugins live on one of two sides:
 
-* **driver** plugins (replay) see only image ids: which past rows to mix into the next segment
-  (``extra_datasets``) and what to remember once a segment is done (``after_segment_driver``).
-  They never touch tensors, so the driver stays free of model state.
+* **driver** plugins own a segment's *data*: they see only image ids and say which rows a segment
+  trains on, whether it starts from the previous segment's weights, and which extra rows are mixed
+  into its batches (:meth:`StrategyPlugin.segment_data`, e.g. the joint baseline, replay); and
+  what to remember once a segment is done (``after_segment_driver``). They never touch tensors, so
+  the driver stays free of model state, and the worker mixes any extra rows generically by name.
 * **worker** plugins (MAS / EWC / L2-SP) run inside every Ray Train worker: a ``penalty`` added to
   the SSL loss at every step, and ``after_segment`` to estimate parameter importance on the
   segment's data before it is gone.
@@ -20,10 +22,12 @@ replay + MAS is simply both plugins at once.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -34,6 +38,46 @@ from torch import Tensor, nn
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- a segment's data
+
+
+@dataclass(frozen=True)
+class ExtraRows:
+    """Rows a data plugin mixes into every batch of a segment, beside the segment's own rows.
+
+    ``ratio`` is the share of each batch they make up and ``mode`` where that share comes from
+    (``append``: on top of ``optim.batch_size``; ``replace``: out of it, so compute stays
+    naive's); the driver sizes batches from both (``train.driver.batch_plan``). ``sample(n,
+    seed)`` returns ``n`` rows (image ids), a deterministic function of the plugin's state and seed.
+    The workers read them as the Ray dataset ``name``.
+    """
+
+    name: str
+    ratio: float
+    mode: Literal["append", "replace"]
+    sample: Callable[[int, int], pa.Table]
+
+
+@dataclass(frozen=True)
+class SegmentData:
+    """What segment ``segment`` trains on: the rows of ``train_segments`` (in plan order), starting
+    from the previous segment's weights or, with ``from_previous=False``, from the initialization
+    segment 0 had; plus ``extras`` mixed into every batch."""
+
+    segment: int
+    train_segments: tuple[int, ...]
+    from_previous: bool
+    extras: tuple[ExtraRows, ...] = ()
+
+    @classmethod
+    def naive(cls, segment: int) -> SegmentData:
+        """Sequential training: this segment's rows, from the last segment's weights."""
+        return cls(segment, (segment,), from_previous=segment > 0)
+
+    def replace(self, **changes: Any) -> SegmentData:
+        return dataclasses.replace(self, **changes)
 
 
 # --------------------------------------------------------------------------- the plugin protocol
@@ -47,11 +91,13 @@ class StrategyPlugin:
 
     name: ClassVar[str] = "plugin"
     side: ClassVar[Literal["driver", "worker"]] = "driver"
+    #: False: nothing to checkpoint (no ``<ckpt>/<name>/`` directory is written or expected).
+    stateful: ClassVar[bool] = True
 
     # -- driver side
-    def extra_datasets(self, segment: int) -> dict[str, pa.Table]:
-        """Extra row tables (image ids + metadata) to train on in ``segment``, keyed by dataset name."""
-        return {}
+    def segment_data(self, data: SegmentData) -> SegmentData:
+        """Change what a segment trains on (which rows, where it starts, extra rows to mix in)."""
+        return data
 
     def after_segment_driver(self, segment: int, rows: pa.Table) -> None:
         """``rows`` (this segment's own rows, not replayed ones) have just been trained on."""
@@ -271,24 +317,18 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        return "+".join([self.base] + [p.describe() for p in self.plugins])
+        return "+".join([self.base] + [p.describe() for p in self.plugins if p.name != self.base])
 
     # -- driver side
-    def extra_datasets(self, segment: int) -> dict[str, pa.Table]:
-        out: dict[str, pa.Table] = {}
+    def segment_data(self, segment: int) -> SegmentData:
+        """What ``segment`` trains on: naive sequential training, changed by each data plugin in turn."""
+        data = SegmentData.naive(segment)
         for p in self.driver_plugins:
-            for k, v in p.extra_datasets(segment).items():
-                if k in out:
-                    raise ValueError(f"two plugins both provide dataset {k!r}")
-                out[k] = v
-        return out
-
-    def sample_replay(self, num_rows: int, seed: int) -> pa.Table:
-        """``num_rows`` replay rows for the next segment (see ``ReplayBuffer.sample_for_segment``)."""
-        replay = [p for p in self.driver_plugins if hasattr(p, "sample_for_segment")]
-        if not replay:
-            raise RuntimeError("sample_replay called but no replay plugin is configured (replay.size=0)")
-        return replay[0].sample_for_segment(num_rows, seed)  # type: ignore[attr-defined]
+            data = p.segment_data(data)
+        names = [e.name for e in data.extras]
+        if len(set(names)) != len(names) or "train" in names:
+            raise ValueError(f"extra datasets need unique names other than 'train': {names}")
+        return data
 
     def after_segment_driver(self, segment: int, rows: pa.Table) -> None:
         for p in self.driver_plugins:
@@ -296,10 +336,11 @@ class Strategy:
 
     def save_driver_state(self, checkpoint_dir: str | Path) -> None:
         for p in self.driver_plugins:
-            p.save(Path(checkpoint_dir) / p.name)
+            if p.stateful:
+                p.save(Path(checkpoint_dir) / p.name)
 
     def load_driver_state(self, checkpoint_dir: str | Path) -> None:
-        for p in self.driver_plugins:
+        for p in (p for p in self.driver_plugins if p.stateful):
             d = Path(checkpoint_dir) / p.name
             if not d.is_dir():
                 raise FileNotFoundError(f"{checkpoint_dir} holds no state for plugin {p.name!r} ({d} missing): "

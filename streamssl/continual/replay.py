@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from streamssl.continual.base import StrategyPlugin
+from streamssl.continual.base import ExtraRows, SegmentData, StrategyPlugin
 
-Policy = Literal["reservoir", "balanced"]
+Policy = str  # one of the buffer class's POLICIES
 POLICIES: tuple[str, ...] = ("reservoir", "balanced")
 ROWS_FILE = "replay.parquet"
 STATE_FILE = "replay_state.json"
@@ -41,13 +41,19 @@ _BASE_SCHEMA = pa.schema([("image_id", pa.string()), ("segment", pa.int32())])
 
 
 class ReplayBuffer:
-    """At most ``capacity`` rows (``image_id``, ``segment`` + any extra metadata columns)."""
+    """At most ``capacity`` rows (``image_id``, ``segment`` + any extra metadata columns).
+
+    A new policy is a subclass that overrides :meth:`_update` and names itself in ``POLICIES``
+    (see ``continual/fifo_replay.py``); sampling, state and checkpoints are shared.
+    """
+
+    POLICIES: tuple[str, ...] = POLICIES
 
     def __init__(self, capacity: int, policy: Policy = "reservoir", seed: int = 0) -> None:
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
-        if policy not in POLICIES:
-            raise ValueError(f"replay policy {policy!r}; allowed: {', '.join(POLICIES)}")
+        if policy not in self.POLICIES:
+            raise ValueError(f"replay policy {policy!r}; allowed: {', '.join(self.POLICIES)}")
         self._capacity = int(capacity)
         self.policy: Policy = policy
         self.seed = int(seed)
@@ -92,11 +98,7 @@ class ReplayBuffer:
         segment = int(segment)
         if segment in self._seen_per_segment:
             raise ValueError(f"segment {segment} was already added to the replay buffer")
-        rows = self._normalize(rows, segment)
-        if self.policy == "reservoir":
-            self._update_reservoir(rows)
-        else:
-            self._update_balanced(rows, segment)
+        self._update(self._normalize(rows, segment), segment)
         self._seen += rows.num_rows
         self._seen_per_segment[segment] = rows.num_rows
 
@@ -122,6 +124,13 @@ class ReplayBuffer:
         # image_id, segment first; the rest as given.
         rest = [n for n in rows.column_names if n not in ("image_id", "segment")]
         return rows.select(["image_id", "segment", *rest]).combine_chunks()
+
+    def _update(self, rows: pa.Table, segment: int) -> None:
+        """Fold a segment's normalized rows into ``self._table`` (counters are updated by the caller)."""
+        if self.policy == "reservoir":
+            self._update_reservoir(rows)
+        else:
+            self._update_balanced(rows, segment)
 
     def _concat(self, parts: list[pa.Table]) -> pa.Table:
         return pa.concat_tables(parts, promote_options="permissive")
@@ -310,22 +319,24 @@ def _from_json_safe(obj: Any) -> Any:
 
 
 class ReplayPlugin(StrategyPlugin):
-    """Driver-side plugin: the buffer's rows are offered as the ``"replay"`` dataset."""
+    """Data plugin: once the buffer holds rows, every batch mixes in a share ``ratio`` of
+    buffered rows, read by the workers as the ``"replay"`` dataset."""
 
     name = "replay"
     side = "driver"
 
-    def __init__(self, buffer: ReplayBuffer) -> None:
+    def __init__(self, buffer: ReplayBuffer, ratio: float = 0.5, mode: Literal["append", "replace"] = "append") -> None:
         self.buffer = buffer
+        self.ratio = float(ratio)
+        self.mode = mode
 
-    def extra_datasets(self, segment: int) -> dict[str, pa.Table]:
-        if len(self.buffer) == 0:
-            return {}
-        rows = self.buffer.rows()
-        latest = int(pc.max(rows["segment"]).as_py())
-        if latest >= segment:  # a resume mix-up would silently train on the future/current segment
-            raise RuntimeError(f"replay buffer holds rows of segment {latest} while preparing segment {segment}")
-        return {"replay": rows}
+    def segment_data(self, data: SegmentData) -> SegmentData:
+        if len(self.buffer) == 0 or self.ratio <= 0:
+            return data
+        latest = int(pc.max(self.buffer.rows()["segment"]).as_py())
+        if latest >= data.segment:  # a resume mix-up would silently train on the future/current segment
+            raise RuntimeError(f"replay buffer holds rows of segment {latest} while preparing segment {data.segment}")
+        return data.replace(extras=(*data.extras, ExtraRows(self.name, self.ratio, self.mode, self.sample_for_segment)))
 
     def sample_for_segment(self, num_rows: int, seed: int) -> pa.Table:
         return self.buffer.sample_for_segment(num_rows, seed)
@@ -338,7 +349,7 @@ class ReplayPlugin(StrategyPlugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """In-memory counterpart of :meth:`load` (same exactness checks)."""
-        self.buffer = self._checked(ReplayBuffer.from_state(state["state"], state["rows"]))
+        self.buffer = self._checked(type(self.buffer).from_state(state["state"], state["rows"]))
 
     def _checked(self, buf: ReplayBuffer) -> ReplayBuffer:
         if buf.capacity != self.buffer.capacity or buf.policy != self.buffer.policy:
@@ -350,7 +361,7 @@ class ReplayPlugin(StrategyPlugin):
         self.buffer.save(directory)
 
     def load(self, directory: str | Path) -> None:
-        self.buffer = self._checked(ReplayBuffer.load(directory))
+        self.buffer = self._checked(type(self.buffer).load(directory))
 
     def describe(self) -> str:
         return f"replay({self.buffer.policy},{self.buffer.capacity})"

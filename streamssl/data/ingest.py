@@ -19,7 +19,12 @@ How it stays correct at any size:
   submission order, and the digest is a function of the content only (ids, metadata, image
   hashes, classes): the same input gives the same digest whatever ``shard_rows``, worker count
   or machine. Re-running replaces the previous output; stream plans under ``streams/`` are kept
-  when the digest did not change (they were computed from the same content).
+  when the digest did not change (they were computed from the same content). The arrival time
+  stored with every row (``arrived_at``, the time the ingest started) is not content: it is
+  left out of the digest.
+* **Drops.** This ingest is drop 0 of the dataset (dataset.json ``drops``); ``ingest(...,
+  append=True)`` adds later drops as new shards without touching existing ones
+  (:mod:`streamssl.data.append`).
 
 The content hash of an image is the SHA-256 of its bytes as received, except for sources that
 deliver raw pixels (IDX): their PNG encoding depends on the zlib build inside Pillow, so their
@@ -43,7 +48,7 @@ import time
 import uuid
 import warnings
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
@@ -82,6 +87,8 @@ _ROW_GROUP_MAX_BYTES = 64 << 20
 _INDEX_FLUSH_ROWS = 16_384  # ~3 MB of index rows in Arrow form
 
 _SHARD_COLUMNS = [f.name for f in layout.SHARD_SCHEMA]
+_ARRIVAL_COLUMNS = ("drop", "arrived_at")  # the same for every row of a drop: added per row group
+_SHARD_ROW_COLUMNS = [c for c in _SHARD_COLUMNS if c not in _ARRIVAL_COLUMNS]
 _INDEX_COLUMNS = [f.name for f in layout.INDEX_SCHEMA]
 
 
@@ -251,20 +258,41 @@ def _prepared(
 
 
 class _DatasetWriter:
-    """Streams validated images into shards + index under ``root``; keeps only counters."""
+    """Streams validated images into shards + index under ``root``; keeps only counters.
 
-    def __init__(self, fs: pafs.FileSystem, root: str, shard_rows: int, row_group_rows: int) -> None:
+    ``drop`` and ``arrived_at`` (microseconds, UTC) are stored in every shard row and select the
+    shard names (:func:`layout.shard_path`); ``index_path`` and ``failures_path`` default to the
+    dataset's own files under ``root``. ``on_shard_closed(path)`` is called after each shard file
+    is complete.
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        root: str,
+        shard_rows: int,
+        row_group_rows: int,
+        *,
+        drop: int = 0,
+        arrived_at: int | None = None,
+        index_path: str | None = None,
+        failures_path: str | None = None,
+        on_shard_closed: Callable[[str], None] | None = None,
+    ) -> None:
         self.fs, self.root = fs, root
         self.shard_rows = shard_rows
         self.row_group_rows = min(row_group_rows, shard_rows)
+        self.drop = drop
+        self.arrived_at = arrived_at if arrived_at is not None else time.time_ns() // 1000
+        self._on_shard_closed = on_shard_closed
         fs.create_dir(layout.join(root, layout.SHARDS_DIR), recursive=True)
         self.shards: list[str] = []
         self._writer: pq.ParquetWriter | None = None
         self._shard_row = 0  # rows in the current shard, written or buffered
-        self._buf: dict[str, list] = {c: [] for c in _SHARD_COLUMNS}
+        self._buf: dict[str, list] = {c: [] for c in _SHARD_ROW_COLUMNS}
         self._buf_bytes = 0
         self._index = pq.ParquetWriter(
-            layout.join(root, layout.INDEX_FILE), layout.INDEX_SCHEMA, filesystem=fs, compression="zstd"
+            index_path or layout.join(root, layout.INDEX_FILE), layout.INDEX_SCHEMA, filesystem=fs, compression="zstd"
         )
         # Index rows go from Python lists (one shard row group's worth) into compact Arrow
         # batches, written out every _INDEX_FLUSH_ROWS rows: index row groups of a useful size
@@ -272,7 +300,7 @@ class _DatasetWriter:
         self._ibuf: dict[str, list] = {c: [] for c in _INDEX_COLUMNS}
         self._ibatches: list[pa.RecordBatch] = []
         self._ibatch_rows = 0
-        self._failures = fs.open_output_stream(layout.join(root, layout.INGEST_FAILURES_FILE))
+        self._failures = fs.open_output_stream(failures_path or layout.join(root, layout.failures_file(drop)))
         self.digest = hashlib.sha256()
         self.num_ok = 0
         self.num_failed = 0
@@ -363,8 +391,14 @@ class _DatasetWriter:
 
     # -- files
 
+    def write_index_rows(self, table: pa.Table) -> None:
+        """Copy earlier rows (an existing dataset's index) into the index, before any new row."""
+        if self.num_ok or self._ibatches or self._ibuf["image_id"]:
+            raise RuntimeError("earlier index rows must be written before the new ones")
+        self._index.write_table(table.select(_INDEX_COLUMNS).cast(layout.INDEX_SCHEMA), row_group_size=table.num_rows)
+
     def _open_shard(self) -> None:
-        rel = layout.shard_path(len(self.shards))
+        rel = layout.shard_path(len(self.shards), self.drop)
         self.shards.append(rel)
         # Image bytes are already compressed (PNG/JPEG), so they get LZ4, which is nearly free
         # to decode and still removes the per-file overhead small PNGs repeat (Fashion-MNIST:
@@ -376,7 +410,7 @@ class _DatasetWriter:
             layout.SHARD_SCHEMA,
             filesystem=self.fs,
             compression={c: ("lz4" if c == "image" else "zstd") for c in _SHARD_COLUMNS},
-            use_dictionary=[c for c in meta if c not in ("image_id", "timestamp")],
+            use_dictionary=[c for c in meta if c not in ("image_id", "timestamp")],  # drop, arrived_at: one value
             write_statistics=meta,
         )
         self._shard_row = 0
@@ -384,10 +418,16 @@ class _DatasetWriter:
     def _flush_rows(self) -> None:
         if not self._buf["image_id"]:
             return
-        table = pa.Table.from_pydict(self._buf, schema=layout.SHARD_SCHEMA)
+        n = len(self._buf["image_id"])
+        columns = {
+            **self._buf,
+            "drop": pa.array(np.full(n, self.drop, dtype=np.int32)),
+            "arrived_at": pa.array(np.full(n, self.arrived_at, dtype=np.int64)).cast(layout.TIMESTAMP_TYPE),
+        }
+        table = pa.Table.from_pydict(columns, schema=layout.SHARD_SCHEMA)
         assert self._writer is not None
         self._writer.write_table(table, row_group_size=table.num_rows)
-        self._buf = {c: [] for c in _SHARD_COLUMNS}
+        self._buf = {c: [] for c in _SHARD_ROW_COLUMNS}
         self._buf_bytes = 0
         self._flush_index(final=False)
 
@@ -396,6 +436,8 @@ class _DatasetWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            if self._on_shard_closed is not None:
+                self._on_shard_closed(layout.join(self.root, self.shards[-1]))
 
     def _flush_index(self, final: bool) -> None:
         if self._ibuf["image_id"]:
@@ -534,13 +576,14 @@ def ingest(
     out: str,
     src: str | None = None,
     *,
-    shard_rows: int = 10_000,
-    row_group_rows: int = 1_000,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    shard_rows: int | None = None,
+    row_group_rows: int | None = None,
+    max_pixels: int | None = None,
     progress: bool = False,
     workers: int | None = None,
     filesystem: pafs.FileSystem | None = None,
     derive_domains: str | DerivedDomains | None = None,
+    append: bool = False,
 ) -> dict[str, Any]:
     """Ingest images from ``source`` into a dataset at ``out``; return a JSON-able summary.
 
@@ -552,8 +595,24 @@ def ingest(
     ``"original,rotate90,invert,blur_noise"``) splits the images into synthetic domains, see
     :mod:`streamssl.data.derived_domains`. Raises :class:`IngestError` for unusable input or
     output, and when no image at all could be ingested; nothing is left at ``out`` then.
+
+    ``shard_rows`` (default 10,000), ``row_group_rows`` (1,000) and ``max_pixels``
+    (:data:`DEFAULT_MAX_PIXELS`) size the shards and bound image sizes. Without ``append`` an
+    existing dataset at ``out`` is replaced. With ``append=True`` the images are added to the
+    existing dataset at ``out`` as its next drop (new shards only; see
+    :mod:`streamssl.data.append`), and the three sizes default to the dataset's own.
     """
+    if append:
+        from streamssl.data.append import append_drop
+
+        return append_drop(source, out, src, shard_rows=shard_rows, row_group_rows=row_group_rows,
+                           max_pixels=max_pixels, progress=progress, workers=workers, filesystem=filesystem,
+                           derive_domains=derive_domains)
+    shard_rows = 10_000 if shard_rows is None else shard_rows
+    row_group_rows = 1_000 if row_group_rows is None else row_group_rows
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     t0 = time.perf_counter()
+    arrived_at = time.time_ns() // 1000
     for name, v in (("shard_rows", shard_rows), ("row_group_rows", row_group_rows), ("max_pixels", max_pixels)):
         if not isinstance(v, int) or v < 1:
             raise IngestError(f"{name} must be a positive integer, got {v!r}")
@@ -575,7 +634,7 @@ def ingest(
     fs.create_dir(tmp, recursive=True)
     writer: _DatasetWriter | None = None
     try:
-        writer = _DatasetWriter(fs, tmp, shard_rows, row_group_rows)
+        writer = _DatasetWriter(fs, tmp, shard_rows, row_group_rows, drop=0, arrived_at=arrived_at)
         hint = src_obj.size_hint()
         bar = None
         if progress:
@@ -603,6 +662,7 @@ def ingest(
         _check_unique_ids(fs, layout.join(tmp, layout.INDEX_FILE), writer.id_hashes)
         classes = _classes(src_obj, writer)
         meta = _dataset_meta(src_obj, writer, classes, shard_rows, row_group_rows, max_pixels, derived)
+        meta["drops"] = [drop_entry(src_obj, writer, meta["digest"])]
         _publish(fs, tmp, out_path, meta)
     except BaseException:
         if writer is not None:
@@ -695,6 +755,32 @@ def _classes(src: Source, w: _DatasetWriter) -> list[str]:
     if not w.names:
         return []
     return [w.names.get(i) or str(i) for i in range(max(w.names) + 1)]
+
+
+def iso_us(us: int) -> str:
+    """A UTC instant in microseconds as ISO 8601 text (how dataset.json records arrival times)."""
+    import datetime as dt
+
+    return (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(us))).isoformat()
+
+
+def drop_entry(src: Source, w: _DatasetWriter, digest: str) -> dict[str, Any]:
+    """One entry of dataset.json's ``drops`` history: what one ingest or append added, and the
+    dataset's digest once it was added."""
+    described = src.describe()
+    return {
+        "drop": w.drop,
+        "arrived_at": iso_us(w.arrived_at),
+        "source": src.name,
+        "src": described.get("src"),
+        "input": described,
+        "num_images": w.num_ok,
+        "num_failed": w.num_failed,
+        "failed_by_kind": dict(sorted(w.failed_by_kind.items())),
+        "failures_file": layout.failures_file(w.drop),
+        "shards": list(w.shards),
+        "digest": digest,
+    }
 
 
 def _dataset_meta(

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamssl.data import layout
@@ -109,6 +111,33 @@ def shard_grouped_order(shards: np.ndarray, rows: np.ndarray, rng: np.random.Gen
     within = np.empty(n, dtype=np.int64)
     within[base] = rng.permutation(n)
     return np.lexsort((within, shard_rank[inv])).astype(np.int64)
+
+
+def rows_not_in_plan(dataset_dir: str, plan: str | pa.Table | Iterable[str], *, split: str | None = "train",
+                     columns: list[str] | None = None) -> pa.Table:
+    """The dataset's index rows that ``plan`` does not contain, in arrival order.
+
+    ``plan`` is a plan directory, a plan table (``image_id`` column, e.g. from :func:`load_plan`)
+    or the image ids themselves. Rows are those of ``split`` (None: every split), in arrival
+    order: by drop, and in ingest order inside a drop; each has the index ``columns`` asked for
+    (default: all) plus ``drop`` and ``arrived_at`` (see :func:`streamssl.data.layout.read_index`).
+    After ``ingest --append`` this is what a stream planned before the append has not seen yet.
+    """
+    if isinstance(plan, str):
+        plan, _ = load_plan(plan)
+    planned = plan["image_id"].combine_chunks() if isinstance(plan, pa.Table) else pa.array(list(plan), pa.string())
+    wanted = None if columns is None else list(dict.fromkeys(["image_id", *(["split"] if split else []), *columns]))
+    index = layout.read_index(dataset_dir, wanted)
+    keep = pc.invert(pc.is_in(index["image_id"], value_set=planned.cast(pa.string())))
+    if split is not None:
+        keep = pc.and_(keep, pc.equal(index["split"], split))
+    out = index.filter(keep)
+    if out.num_rows > 1:  # read_index gives arrival order already; make it explicit and stable
+        order = np.lexsort((np.arange(out.num_rows), out["drop"].to_numpy()))
+        out = out.take(pa.array(order))
+    if columns is not None:
+        out = out.select(list(dict.fromkeys([*columns, "drop", "arrived_at"])))
+    return out
 
 
 def write_plan(out_dir: str, plan: pa.Table, meta: dict[str, Any]) -> None:

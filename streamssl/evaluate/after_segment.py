@@ -182,7 +182,7 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
         return None
     device = _diag_device(cfg)
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)
-    model.load_state_dict(ck.load_tensors(Path(ckpt_dir) / ck.MODEL_FILE))
+    model.load_state_dict(ck.load_model_state(ckpt_dir))
     model.to(device).train()
     augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
     gen = torch.Generator().manual_seed(seed)
@@ -246,11 +246,9 @@ def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str
     plan_meta = None
     plan_json = RunLayout.of_checkpoint(ckpt).plan_meta
     if plan_json.is_file() and not data_dir:
-        import json
-
-        plan_meta = json.loads(plan_json.read_text())
+        plan_meta = plan_json.read_json()
     metrics = evaluate_encoder_on_config(cfg, load_encoder(ckpt), plan_meta)
-    return {"checkpoint": str(ckpt), "dataset": cfg.data.dataset_dir, **metrics}
+    return {"checkpoint": ckpt.uri, "dataset": cfg.data.dataset_dir, **metrics}
 
 
 def _with_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from streamssl.storage import Location
 
 
 def to_json_data(x: Any) -> Any:
@@ -38,14 +38,13 @@ def float_or_nan(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write strict JSON through a temp file + rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(to_json_data(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-    return path
+def write_json_atomic(path: str | os.PathLike[str] | Location, obj: Any) -> Location:
+    """Write strict JSON so that a reader never sees half a file (temp file + rename on local
+    disk, one PUT on an object store)."""
+    loc = Location(path)
+    loc.write_text(json.dumps(to_json_data(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return loc
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike[str] | Location) -> Any:
+    return Location(path).read_json()

@@ -8,21 +8,26 @@ A run directory::
     checkpoints/segment-000/   meta.json, model.pt, strategy.pt, steps.jsonl, replay/
                                (the format: streamssl.run.checkpoint)
     checkpoints/segment-001/ ...
-    ray/                 Ray Train storage (in-segment checkpoints, worker logs)
+    ray/                 Ray Train storage (in-segment checkpoints)
+    logs/                Ray's and DeepSpeed's console output (local run directories)
     results.json         per-segment results for reports
+    random_init.json     the same architecture evaluated at its random init (the baseline to beat)
     mlflow_run.json      MLflow run ids of this run (when tracking is enabled)
     mlflow.db, mlartifacts/   local MLflow store (when tracking uses the default URI)
 
-Only this module spells these names; every other module asks :class:`RunLayout` for a path.
+Only this module spells these names; every other module asks :class:`RunLayout` for a location.
+The run directory may be a local path or a URI (``file://``, ``s3://`` ...): every path is a
+:class:`streamssl.storage.Location`, opened through pyarrow filesystems.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime
-from pathlib import Path
 
-from streamssl.config import Config
+from streamssl.config import Config, ConfigError
+from streamssl.storage import Location
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
@@ -39,9 +44,11 @@ ENGINE_DIR = "engine"
 REPLAY_DIR = "replay"
 RAY_DIR = "ray"
 RESULTS_FILE = "results.json"
+RANDOM_INIT_FILE = "random_init.json"
 MLFLOW_RUN_FILE = "mlflow_run.json"
 MLFLOW_DB_FILE = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
+LOGS_DIR = "logs"
 DEFAULT_RUNS_DIR = "runs"
 
 
@@ -50,76 +57,99 @@ def segment_name(t: int) -> str:
     return f"{SEGMENT_PREFIX}{t:03d}"
 
 
-def new_run_dir(cfg: Config) -> Path:
+def canonical_run_dir(run_dir: str | os.PathLike[str]) -> str:
+    """An absolute local path, or the URI as given (``file://`` URIs become local paths).
+
+    A URI that pyarrow cannot open is a :class:`ConfigError` naming ``run_dir``, raised before
+    anything is trained.
+    """
+    try:
+        return Location(run_dir).uri
+    except ValueError as e:
+        raise ConfigError(f"run_dir: {e}") from None
+
+
+def new_run_dir(cfg: Config) -> str:
     """``cfg.run_dir`` when set, else a fresh ``runs/<name>-<time>-<suffix>``."""
     if cfg.run_dir:
-        return Path(cfg.run_dir).resolve()
+        return canonical_run_dir(cfg.run_dir)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path(DEFAULT_RUNS_DIR) / f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:4]}").resolve()
+    return canonical_run_dir(os.path.join(DEFAULT_RUNS_DIR, f"{cfg.name}-{stamp}-{uuid.uuid4().hex[:4]}"))
 
 
 class RunLayout:
-    """The paths of one run directory (nothing is created or checked)."""
+    """The locations of one run directory (nothing is created or checked)."""
 
-    def __init__(self, run_dir: str | Path) -> None:
-        self.root = Path(run_dir)
+    def __init__(self, run_dir: str | os.PathLike[str] | Location) -> None:
+        self.root = Location(run_dir)
 
     @classmethod
-    def of_checkpoint(cls, ckpt_dir: str | Path) -> RunLayout:
+    def of_checkpoint(cls, ckpt_dir: str | os.PathLike[str] | Location) -> RunLayout:
         """The run a segment checkpoint ``<run>/checkpoints/segment-XXX`` belongs to."""
-        return cls(Path(ckpt_dir).parent.parent)
+        return cls(Location(ckpt_dir).parent.parent)
 
     def __repr__(self) -> str:
-        return f"RunLayout({str(self.root)!r})"
+        return f"RunLayout({self.root.uri!r})"
 
     @property
-    def config(self) -> Path:
+    def is_local(self) -> bool:
+        return self.root.is_local
+
+    @property
+    def config(self) -> Location:
         return self.root / CONFIG_FILE
 
     @property
-    def state(self) -> Path:
+    def state(self) -> Location:
         return self.root / STATE_FILE
 
     @property
-    def plan_dir(self) -> Path:
+    def plan_dir(self) -> Location:
         return self.root / PLAN_DIR
 
     @property
-    def plan_meta(self) -> Path:
+    def plan_meta(self) -> Location:
         return self.plan_dir / PLAN_META_FILE
 
-    def plan_staging_dir(self) -> Path:
+    def plan_staging_dir(self) -> Location:
         """A fresh sibling of ``plan/`` to build the plan in before renaming it into place."""
         return self.root / f".{PLAN_DIR}.tmp-{uuid.uuid4().hex[:6]}"
 
     @property
-    def checkpoints_dir(self) -> Path:
+    def checkpoints_dir(self) -> Location:
         return self.root / CHECKPOINTS_DIR
 
-    def checkpoint(self, t: int) -> Path:
+    def checkpoint(self, t: int) -> Location:
         return self.checkpoints_dir / segment_name(t)
 
-    def checkpoint_staging(self, t: int) -> Path:
+    def checkpoint_staging(self, t: int) -> Location:
         """Where the driver assembles segment t's checkpoint before publishing it."""
         return self.checkpoints_dir / f".{segment_name(t)}.staging"
 
-    def segment_checkpoint_dirs(self) -> list[Path]:
+    def segment_checkpoint_dirs(self) -> list[Location]:
         """``checkpoints/segment-*`` in segment order (finished or not)."""
-        d = self.checkpoints_dir
-        return sorted(d.glob(f"{SEGMENT_PREFIX}*")) if d.is_dir() else []
+        return [c for c in self.checkpoints_dir.children() if c.name.startswith(SEGMENT_PREFIX)]
 
     @property
-    def ray_dir(self) -> Path:
+    def ray_dir(self) -> Location:
         return self.root / RAY_DIR
 
     @property
-    def results(self) -> Path:
+    def results(self) -> Location:
         return self.root / RESULTS_FILE
 
     @property
-    def mlflow_run(self) -> Path:
+    def random_init(self) -> Location:
+        return self.root / RANDOM_INIT_FILE
+
+    @property
+    def mlflow_run(self) -> Location:
         return self.root / MLFLOW_RUN_FILE
 
     @property
-    def mlflow_db(self) -> Path:
+    def mlflow_db(self) -> Location:
         return self.root / MLFLOW_DB_FILE
+
+    @property
+    def logs_dir(self) -> Location:
+        return self.root / LOGS_DIR

@@ -42,14 +42,15 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
 
-from streamssl.run.jsonio import read_json, write_json_atomic
+from streamssl.run.jsonio import write_json_atomic
 from streamssl.run.layout import RESULTS_FILE, RunLayout
 from streamssl.run.records import SegmentResult, result_from_dict, result_to_dict
+from streamssl.storage import Location
 
 SCHEMA_VERSION = 1
 _DERIVED = ("schema_version", "written_at", "num_segments", "segments", "accuracy_matrix", "summary")
@@ -128,8 +129,8 @@ def segment_time_s(results: Sequence[SegmentResult]) -> float:
 # --------------------------------------------------------------------------- results.json
 
 
-def write_results(run_dir: str | Path, results: Sequence[SegmentResult], extra: Mapping[str, Any] | None = None,
-                  *, averages: Averages) -> Path:
+def write_results(run_dir: str | os.PathLike[str] | Location, results: Sequence[SegmentResult], extra: Mapping[str, Any] | None = None,
+                  *, averages: Averages) -> Location:
     """Write ``<run_dir>/results.json`` (schema in the module docstring); returns its path.
 
     ``extra`` adds top-level keys (the driver passes ``wall_s``); it may not reuse a schema key.
@@ -161,13 +162,13 @@ def write_results(run_dir: str | Path, results: Sequence[SegmentResult], extra: 
     return write_json_atomic(RunLayout(run_dir).results, doc)
 
 
-def read_results_file(run_dir: str | Path) -> tuple[list[SegmentResult], dict[str, Any]]:
+def read_results_file(run_dir: str | os.PathLike[str] | Location) -> tuple[list[SegmentResult], dict[str, Any]]:
     """Segments (in order) and the top-level keys beyond the schema (``wall_s``, ...) of
     ``<run_dir>/results.json``."""
     p = RunLayout(run_dir).results
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir}: no {RESULTS_FILE} (did the stream finish?)")
-    doc = read_json(p)
+    doc = p.read_json()
     version = doc.get("schema_version", SCHEMA_VERSION)
     if version > SCHEMA_VERSION:
         raise ValueError(f"{p}: schema_version {version} is newer than this reader ({SCHEMA_VERSION})")
@@ -175,6 +176,6 @@ def read_results_file(run_dir: str | Path) -> tuple[list[SegmentResult], dict[st
     return segments, {k: v for k, v in doc.items() if k not in _DERIVED}
 
 
-def has_results(run_dir: str | Path) -> bool:
+def has_results(run_dir: str | os.PathLike[str] | Location) -> bool:
     """Whether the run finished (its ``results.json`` exists)."""
     return RunLayout(run_dir).results.is_file()

@@ -155,11 +155,12 @@ def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, c
 def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
               overrides: list[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the study in ``path`` into ``out_dir``; returns the summary."""
-    import ray
     from ray import tune
 
+    from streamssl import console
     from streamssl.run.jsonio import read_json, write_json_atomic
-    from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams
+    from streamssl.tune.reporter import tune_console
+    from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams, progress_metrics
 
     spec, cells = load_study(path, overrides)
     cells = [Cell(c.protocol, c.strategy, c.seed, _absolute_paths(dict(c.config))) for c in cells]
@@ -181,18 +182,21 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     base = Config.model_validate(cells[0].config)
     tracking_uri, study_run_id = None, None
     if base.tracking.enabled:
-        from streamssl.tracking.mlflow_tracker import resolve_tracking_uri, start_sweep_run
+        from streamssl.tracking.mlflow_store import resolve_tracking_uri
+        from streamssl.tracking.sweep_runs import start_sweep_run
 
         tracking_uri = resolve_tracking_uri(base, sdir)
         study_run_id = start_sweep_run(base, str(sdir), tracking_uri, kind="study", name=spec.name)
-    if not ray.is_initialized():
-        ray.init(address=base.scaling.ray_address, include_dashboard=False, configure_logging=False)
+    # In a CLI console session the cells' output goes to <out>/logs (-v: to the console).
+    console.init_ray(base.scaling.ray_address, sdir / "logs")
     _prepare_datasets(cells)
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
     trainable = tune.with_parameters(_study_trial, cells=cell_dicts, study_dir=str(sdir),
                                      tracking_uri=tracking_uri, study_run_id=study_run_id)
     trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial_driver})
+    if console.quiet():  # what Tune prints of an errored cell's last result: these, not all ~60
+        trainable._progress_metrics = progress_metrics(None)
     param_space = {"cell": tune.grid_search([c.id for c in cells])}
     if resume:
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -201,7 +205,8 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
         tuner = tune.Tuner(trainable, param_space=param_space,
                            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
                            run_config=tune.RunConfig(name="study", storage_path=str(sdir / "tune"),
-                                                     failure_config=tune.FailureConfig(max_failures=1)))
+                                                     failure_config=tune.FailureConfig(max_failures=1),
+                                                     **tune_console(param_space, progress_metrics(None))))
     t0 = time.perf_counter()
     grid = tuner.fit()
     errors = {r.config.get("cell"): f"{type(r.error).__name__}: {r.error}" for r in grid if r.error}
@@ -210,7 +215,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     summary["errors"] = errors
     write_json_atomic(sdir / "study_summary.json", summary)
     if study_run_id and tracking_uri:
-        from streamssl.tracking.mlflow_tracker import finish_study_run
+        from streamssl.tracking.sweep_runs import finish_study_run
 
         _close_stopped_streams(tracking_uri, [{"run_dir": str(sdir / "trials" / cid), "error": err,
                                                "segments_done": 0} for cid, err in errors.items()],

@@ -19,10 +19,18 @@ from typing import Any
 import numpy as np
 
 from streamssl.run.records import SegmentResult
+from streamssl.storage import Location
 from streamssl.tracking.report import accuracy_matrices, forgetting_and_accuracy
 
 ACC_METRIC = re.compile(r"^eval/(?!.*_seg\d+$).+_acc$")  # eval/knn_acc, not eval/knn_acc_seg3
+
+
+def is_held_out_accuracy(key: str) -> bool:
+    """An accuracy on the held-out split for the whole stream (``eval/knn_acc``): not one segment's
+    (``eval/knn_acc_seg3``), not a probe's fit on its own training features (``eval/linear_train_acc``)."""
+    return bool(ACC_METRIC.match(key)) and not key.endswith("_train_acc")
 PLOT_FILES = ("accuracy_per_segment.png", "forgetting_heatmap.png", "loss_curve.png")
+BASELINE_STYLE = "--"  # line style of the random-init levels in the accuracy plot
 
 
 def _figure(width: float, height: float) -> Any:
@@ -41,26 +49,57 @@ def _save(fig: Any, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_per_segment(results: Sequence[SegmentResult], path: str | Path) -> Path | None:
-    """One line per ``eval/*_acc`` metric over the segments (x = segment index)."""
+def _accuracy_range(values: Sequence[float], pad: float = 0.05) -> tuple[float, float]:
+    """Y limits around the drawn accuracies (a few points apart matter), in steps of 0.05 within [0, 1]."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo = max(0.0, math.floor(round((min(finite) - pad) * 20, 6)) / 20)
+    hi = min(1.0, math.ceil(round((max(finite) + pad) * 20, 6)) / 20)
+    return (lo, hi) if hi > lo else (0.0, 1.0)
+
+
+def accuracy_figure(results: Sequence[SegmentResult], baseline: Mapping[str, float] | None = None) -> Any | None:
+    """The figure behind :func:`plot_accuracy_per_segment` (None when there is no accuracy)."""
     ordered = sorted(results, key=lambda r: r.segment)
-    keys = sorted({k for r in ordered for k in r.metrics if ACC_METRIC.match(k)})
+    keys = sorted({k for r in ordered for k in r.metrics if is_held_out_accuracy(k)})
     if not keys:
         return None
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
     xs = [r.segment for r in ordered]
+    shown_baseline = False
+    drawn: list[float] = []
     for k in keys:
         ys = [r.metrics.get(k, float("nan")) for r in ordered]
-        ax.plot(xs, ys, marker="o", label=k.removeprefix("eval/"))
+        (line,) = ax.plot(xs, ys, marker="o", label=k.removeprefix("eval/"))
+        drawn += ys
+        base = (baseline or {}).get(k)
+        if base is not None and math.isfinite(base):
+            ax.axhline(base, color=line.get_color(), ls=BASELINE_STYLE, lw=1.2, alpha=0.8,
+                       label=f"{k.removeprefix('eval/')} at random init")
+            drawn.append(base)
+            shown_baseline = True
     ax.set_xlabel("after segment")
     ax.set_ylabel("accuracy")
     ax.set_xticks(xs)
-    ax.set_ylim(0.0, 1.0)
+    ax.set_ylim(*_accuracy_range(drawn))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title("frozen-feature accuracy along the stream")
-    return _save(fig, path)
+    ax.set_title("frozen-feature accuracy along the stream" + (" (dashed: random init)" if shown_baseline else ""))
+    return fig
+
+
+def plot_accuracy_per_segment(results: Sequence[SegmentResult], path: str | Path,
+                              baseline: Mapping[str, float] | None = None) -> Path | None:
+    """One line per held-out ``eval/*_acc`` metric over the segments (x = segment index).
+
+    ``baseline``: the same metrics of the encoder at its random init
+    (:mod:`streamssl.tracking.baseline`), drawn as a dashed horizontal line in each probe's colour:
+    the level the stream has to beat.
+    """
+    fig = accuracy_figure(results, baseline)
+    return None if fig is None else _save(fig, path)
 
 
 def plot_forgetting_heatmap(source: Sequence[SegmentResult] | Mapping[str, Any] | np.ndarray | Sequence[Sequence[float]],
@@ -106,23 +145,27 @@ def plot_forgetting_heatmap(source: Sequence[SegmentResult] | Mapping[str, Any] 
 
 
 def read_step_metrics(files: Sequence[str | Path | None]) -> list[dict[str, Any]]:
-    """Per-step records from JSONL files, ordered by (segment, step).
+    """Per-step records from JSONL files (local paths or URIs), ordered by (segment, step).
 
     A segment restarted from an in-segment checkpoint logs some steps twice: the later record
     wins. Unreadable lines are skipped (a killed writer can leave half a line).
     """
     recs: dict[tuple[int, int], dict[str, Any]] = {}
     for i, f in enumerate(files):
-        if not f or not Path(f).is_file():
+        if not f:
             continue
-        with open(f) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                    key = (int(rec.get("segment", i)), int(rec["step"]))
-                except (ValueError, KeyError, TypeError):
-                    continue
-                recs[key] = rec
+        loc = Location(str(f))
+        try:
+            text = loc.read_text() if loc.is_file() else ""
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+                key = (int(rec.get("segment", i)), int(rec["step"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            recs[key] = rec
     return [recs[k] for k in sorted(recs)]
 
 
@@ -178,12 +221,14 @@ def plot_loss_curve(step_files: Sequence[str | Path | None], path: str | Path, k
     return _save(fig, path)
 
 
-def render_plots(results: Sequence[SegmentResult], out_dir: str | Path) -> list[Path]:
-    """All three plots for the segments so far into ``out_dir``; returns what was written."""
+def render_plots(results: Sequence[SegmentResult], out_dir: str | Path,
+                 baseline: Mapping[str, float] | None = None) -> list[Path]:
+    """All three plots for the segments so far into the local directory ``out_dir`` (``baseline``:
+    random-init metrics for the accuracy plot); returns what was written."""
     out = Path(out_dir)
     ordered = sorted(results, key=lambda r: r.segment)
     written = [
-        plot_accuracy_per_segment(ordered, out / PLOT_FILES[0]),
+        plot_accuracy_per_segment(ordered, out / PLOT_FILES[0], baseline),
         plot_forgetting_heatmap(ordered, out / PLOT_FILES[1]) if ordered else None,
         plot_loss_curve([r.step_metrics_file for r in ordered], out / PLOT_FILES[2]),
     ]

@@ -28,6 +28,7 @@ from streamssl.run.results import (
     segment_time_s,
 )
 from streamssl.run.results import write_results as _write_results
+from streamssl.storage import Location
 
 # Accuracy metrics shown in the report, in this order (key in the last segment's metrics, header).
 REPORT_ACCURACIES = (("eval/linear_acc", "linear acc (%)"), ("eval/knn_acc", "kNN acc (%)"),
@@ -47,7 +48,7 @@ def forgetting_and_accuracy(A: np.ndarray) -> tuple[float, float]:
     return averages(A)
 
 
-def write_results(run_dir: str | Path, results: Sequence[SegmentResult], extra: Mapping[str, Any] | None = None) -> Path:
+def write_results(run_dir: str | Path, results: Sequence[SegmentResult], extra: Mapping[str, Any] | None = None) -> Location:
     """:func:`streamssl.run.results.write_results` with streamssl's forgetting and accuracy."""
     return _write_results(run_dir, results, extra, averages=forgetting_and_accuracy)
 
@@ -63,7 +64,7 @@ class RunResults:
 
     @property
     def name(self) -> str:
-        return str((self.config or {}).get("name") or Path(self.run_dir).name)
+        return str((self.config or {}).get("name") or Location(self.run_dir).name)
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -172,7 +173,7 @@ def compare_runs(run_dirs: Sequence[str], reference: str | None = None, *,
     header = ["run", "strategy", "segments", *(h for _, h in REPORT_ACCURACIES),
               *(f"forgetting {p} (pp)" for p in probes), "images processed", "wall time (s)"]
     if reference is not None:
-        header.append(f"CKA vs {Path(reference).name}")
+        header.append(f"CKA vs {Location(reference).name}")
     ref_real = os.path.realpath(reference) if reference is not None else None
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
     for run, m, c in zip(runs, mats, cka):
@@ -195,13 +196,13 @@ def compare_runs(run_dirs: Sequence[str], reference: str | None = None, *,
 
 
 def iter_run_dirs(paths: Iterable[str]) -> list[str]:
-    """Expand each path to itself if it holds results.json, else to its children that do
-    (so ``compare_runs(iter_run_dirs(["runs/"]))`` compares everything under ``runs/``)."""
+    """Expand each path (local or URI) to itself if it holds results.json, else to its children
+    that do (so ``compare_runs(iter_run_dirs(["runs/"]))`` compares everything under ``runs/``)."""
     out: list[str] = []
     for p in paths:
-        q = Path(p)
-        if has_results(q):
-            out.append(str(q))
-        elif q.is_dir():
-            out.extend(str(c) for c in sorted(q.iterdir()) if has_results(c))
+        loc = Location(p)
+        if has_results(loc):
+            out.append(str(p))
+        else:  # children() is empty when p is not a directory
+            out.extend(c.uri for c in loc.children() if has_results(c))
     return out

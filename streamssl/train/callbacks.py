@@ -19,8 +19,8 @@ __all__ = ["SegmentResult", "StreamCallback", "StreamContext", "TrackingIds"]
 class TrackingIds:
     """Where a tracking callback logs, for the other parts of the stream to use.
 
-    The MLflow callback fills these; the driver hands ``segment_run_id`` + ``tracking_uri`` to the
-    workers (rank 0 logs per-step metrics there); a sweep or study sets ``outer_run_id`` so the
+    The MLflow callback fills these (and logs the per-step records the driver passes on with
+    ``on_train_steps`` to ``segment_run_id``); a sweep or study sets ``outer_run_id`` so the
     stream run nests under it. All None when tracking is off.
     """
 
@@ -54,6 +54,10 @@ class StreamCallback:
     def on_stream_start(self, ctx: StreamContext) -> None: ...
 
     def on_segment_start(self, ctx: StreamContext, segment: int) -> None: ...
+
+    def on_train_steps(self, ctx: StreamContext, segment: int, records: list[dict[str, Any]]) -> None:
+        """Per-step records of the segment being trained (rank 0's loss, lr, ...), in batches,
+        between its ``on_segment_start`` and ``on_segment_end``."""
 
     def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None: ...
 

@@ -43,18 +43,16 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None,
     from streamssl.train.progress import ProgressPrinter
 
     cfg = load_config(config_path, overrides)
-    # The demo's console shows one progress bar per stream (below); Ray Data's per-operator bars
-    # for every segment read and every evaluation pass would bury it (~1,100 lines per demo).
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    # What else Ray prints (Ray Data's progress bars among it) is the CLI's console session's
+    # business (streamssl.console): kept in the run's logs/, or shown with -v.
     print(f"streamssl demo: {cfg.stream.segments}-segment {cfg.stream.protocol} stream of {cfg.data.source}, "
           f"{cfg.ssl.method} on {cfg.ssl.backbone}, {cfg.scaling.num_workers} Ray Train workers (DeepSpeed ZeRO-"
           f"{cfg.scaling.zero_stage}), replay {cfg.replay.size}, regularization {cfg.regularization.method}",
           flush=True)
     t0 = time.perf_counter()
-    runner = StreamRunner(cfg, run_dir, callbacks=[ProgressPrinter(), *callbacks_for(cfg)])
-    results = runner.run()
+    with ProgressPrinter() as progress:
+        runner = StreamRunner(cfg, run_dir, callbacks=[progress, *callbacks_for(cfg)])
+        results = runner.run()
     baseline = evaluate_random_init(cfg) if cfg.eval.enabled else None
     wall = time.perf_counter() - t0
     rd = Path(runner.run_dir)

@@ -1,11 +1,12 @@
 """The stream driver: one Ray Train run per segment, each starting from the last checkpoint.
 
 The driver owns everything that is bookkeeping rather than math: the run directory, the stream
-plan, which rows each segment trains on and which weights it starts from
-(:func:`segment_training_plan`), how each per-worker batch splits into own and replay rows
-(:func:`batch_plan`), the replay buffer, publishing checkpoints, evaluation, and the
-``state.json`` that makes a killed run resumable from its last completed segment. What the run
-directory holds and how its files are written is :mod:`streamssl.run`'s business.
+plan, reading the rows each segment trains on, how each per-worker batch splits into own and
+extra rows (:func:`batch_plan`), publishing checkpoints, evaluation, and the ``state.json`` that
+makes a killed run resumable from its last completed segment. *Which* rows a segment trains on,
+where it starts and which extra rows (replay) it mixes in is the strategy's data plugins' call
+(:meth:`streamssl.continual.Strategy.segment_data`); what the run directory holds and how its
+files are written is :mod:`streamssl.run`'s business.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,16 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamssl.config import Config
+from streamssl.continual.base import ExtraRows, SegmentData
 from streamssl.run import checkpoint as ck
 from streamssl.run.config_file import load_run_config, save_run_config
 from streamssl.run.jsonio import float_or_nan
-from streamssl.run.layout import RunLayout, new_run_dir, segment_name
+from streamssl.run.layout import RunLayout, canonical_run_dir, new_run_dir, segment_name
 from streamssl.run.records import SegmentResult
 from streamssl.run.state import RunState, read_state, write_state
 from streamssl.train.callbacks import StreamCallback, StreamContext
 
 __all__ = ["BatchPlan", "StreamRunner", "batch_plan", "ensure_dataset", "ensure_plan", "new_run_dir",
-           "ray_scaling_config", "read_state", "resume", "segment_rows", "segment_training_plan", "train",
+           "ray_scaling_config", "read_state", "resume", "segment_rows", "segment_training_plan", "start_checkpoint", "train",
            "write_state"]
 
 
@@ -65,19 +68,24 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
     return meta
 
 
-def ensure_plan(cfg: Config, run_dir: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """Make (or reuse) the stream plan and keep a copy in the run dir, which is what we train on."""
+def ensure_plan(cfg: Config, run_dir: str | Path) -> tuple[pa.Table, dict[str, Any]]:
+    """Make (or reuse) the stream plan and keep a copy in the run dir, which is what we train on.
+
+    On local disk the plan is built in a sibling directory and renamed into place; on an object
+    store it is written in place, ``stream.json`` last (the plan exists once that file does).
+    """
     from streamssl.data.plan import load_plan
     from streamssl.data.protocols import make_plan
 
     run = RunLayout(run_dir)
     plan_dir = run.plan_dir
     if not run.plan_meta.is_file():
-        tmp = run.plan_staging_dir()
+        tmp = run.plan_staging_dir() if run.is_local else plan_dir
         make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
-                  grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=str(tmp))
-        os.replace(tmp, plan_dir)
-    return load_plan(str(plan_dir))
+                  grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=tmp.uri)
+        if run.is_local:
+            os.replace(tmp.path, plan_dir.path)
+    return load_plan(plan_dir.uri)
 
 
 def segment_rows(plan: pa.Table, segments: Sequence[int], cap: int | None) -> pa.Table:
@@ -92,25 +100,23 @@ def segment_rows(plan: pa.Table, segments: Sequence[int], cap: int | None) -> pa
 # --------------------------------------------------------------------------- per-segment plan
 
 
-def segment_training_plan(cfg: Config, t: int, completed: Sequence[SegmentResult]) -> tuple[list[int], str | None]:
-    """Which segments segment ``t`` trains on and which checkpoint it starts from (None = fresh).
-
-    * ``naive`` (with or without replay / regularizers): segment t only, from t-1's checkpoint.
-    * ``joint``: segments 0..t from a *fresh* model, initialized exactly like segment 0 of a
-      sequential run with the same seed (random init, or ``init.checkpoint`` when set): the
-      retrain-on-everything upper reference whose cost grows with t.
-    * ``cumulative``: segments 0..t, continuing from t-1's checkpoint.
-
-    ``completed`` are the results of segments 0..t-1.
-    """
+def start_checkpoint(data: SegmentData, completed: Sequence[SegmentResult]) -> str | None:
+    """The checkpoint segment ``data.segment`` starts from; None = the initialization segment 0
+    had (random init, or ``init.checkpoint``). ``completed`` are segments 0..t-1's results."""
+    t = data.segment
     if len(completed) != t:
         raise ValueError(f"segment {t} needs the {t} earlier segments completed, got {len(completed)}")
-    prev = str(completed[-1].checkpoint_dir) if completed else None
-    if cfg.strategy == "joint":
-        return list(range(t + 1)), None
-    if cfg.strategy == "cumulative":
-        return list(range(t + 1)), prev
-    return [t], prev
+    return str(completed[-1].checkpoint_dir) if completed and data.from_previous else None
+
+
+def segment_training_plan(cfg: Config, t: int, completed: Sequence[SegmentResult]) -> tuple[list[int], str | None]:
+    """Which segments segment ``t`` trains on and which checkpoint it starts from (None = fresh),
+    as the configured strategy decides (``naive``: t from t-1; ``joint``: 0..t fresh;
+    ``cumulative``: 0..t from t-1; see :mod:`streamssl.continual.joint`)."""
+    from streamssl.continual import build_strategy
+
+    data = build_strategy(cfg).segment_data(t)
+    return list(data.train_segments), start_checkpoint(data, completed)
 
 
 @dataclass(frozen=True)
@@ -118,24 +124,28 @@ class BatchPlan:
     """How one segment's per-worker micro-batches are made, and how many optimizer steps it runs."""
 
     own_per_batch: int  # rows of the segment (or of segments 0..t) per worker micro-batch
-    replay_per_batch: int  # replay-buffer rows per worker micro-batch
+    extra_per_batch: dict[str, int]  # extra rows (e.g. replay) per worker micro-batch, by dataset name
     total_steps: int  # optimizer steps, the same on every worker
-    replay_rows_needed: int  # replay rows the driver samples for the whole segment (all workers)
+    extra_rows_needed: dict[str, int]  # extra rows the driver samples for the whole segment (all workers)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.own_per_batch + sum(self.extra_per_batch.values())
 
 
-def batch_plan(cfg: Config, train_rows: int, with_replay: bool) -> BatchPlan:
-    """Batch sizes and step budget for a segment of ``train_rows`` rows.
+def batch_plan(cfg: Config, train_rows: int, extras: Sequence[ExtraRows] = ()) -> BatchPlan:
+    """Batch sizes and step budget for a segment of ``train_rows`` rows plus ``extras``.
 
-    The step count never depends on replay: it is what naive training runs on these rows with
-    the full ``optim.batch_size`` (or ``optim.steps_per_segment``). ``replay.mode`` then decides
-    where replay rows go:
+    The step count never depends on the extras: it is what naive training runs on these rows with
+    the full ``optim.batch_size`` (or ``optim.steps_per_segment``). Each extra's ``mode`` then
+    decides where its rows go (``r`` its ratio):
 
-    * ``append``: ``batch_size`` own rows plus ``round(batch_size * r / (1 - r))`` replay rows, so
-      replay is a fraction ``r`` of a larger batch and adds compute (128 -> 128 + 128 at r=0.5).
-    * ``replace``: ``round(batch_size * r)`` of the ``batch_size`` rows come from the buffer and the
+    * ``append``: ``round(batch_size * r / (1 - r))`` extra rows on top of the own rows, so the
+      extra rows are a fraction ``r`` of a larger batch and add compute (128 -> 128 + 128 at r=0.5).
+    * ``replace``: ``round(batch_size * r)`` of the ``batch_size`` rows come from the extra and the
       rest from the segment, so replay costs exactly naive's compute; with the same step count each
       own row is then seen ``(1 - r) * epochs_per_segment`` times on average instead of
-      ``epochs_per_segment``.
+      ``epochs_per_segment``. At least one own row stays in every batch.
     """
     workers, batch, accum = cfg.scaling.num_workers, cfg.optim.batch_size, cfg.optim.grad_accum_steps
     if cfg.optim.steps_per_segment:
@@ -146,16 +156,19 @@ def batch_plan(cfg: Config, train_rows: int, with_replay: bool) -> BatchPlan:
             raise ValueError(f"a segment of {train_rows} rows is fewer than one step "
                              f"({workers} workers x batch {batch}); lower optim.batch_size")
         total_steps = max(1, math.ceil(per_epoch * cfg.optim.epochs_per_segment))
-    own, replay = batch, 0
-    if with_replay:
-        r = cfg.replay.ratio
-        if cfg.replay.mode == "append":
-            replay = max(1, round(batch * r / (1 - r)))
+    own, per_batch = batch, {}
+    for extra in extras:
+        r = extra.ratio
+        if extra.mode == "append":
+            per_batch[extra.name] = max(1, round(batch * r / (1 - r)))
         elif r > 0:
-            replay = min(batch - 1, max(1, round(batch * r)))
-            own = batch - replay
-    return BatchPlan(own_per_batch=own, replay_per_batch=replay, total_steps=total_steps,
-                     replay_rows_needed=total_steps * accum * workers * replay)
+            n = min(own - 1, max(1, round(batch * r)))
+            if n < 1:
+                raise ValueError(f"optim.batch_size {batch} leaves no room for the {extra.name!r} rows (replace mode)")
+            per_batch[extra.name] = n
+            own -= n
+    return BatchPlan(own_per_batch=own, extra_per_batch=per_batch, total_steps=total_steps,
+                     extra_rows_needed={k: total_steps * accum * workers * n for k, n in per_batch.items()})
 
 
 # --------------------------------------------------------------------------- the stream
@@ -167,7 +180,8 @@ class StreamRunner:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, *, resume: bool = False,
                  callbacks: Sequence[StreamCallback] = ()) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(cfg)
+        self.run_dir = canonical_run_dir(run_dir) if run_dir else new_run_dir(cfg)  # a local path or a URI
+        self.layout = RunLayout(self.run_dir)
         self.resume = resume
         self.callbacks = list(callbacks)
 
@@ -177,18 +191,20 @@ class StreamRunner:
             getattr(cb, hook)(*args)
 
     def _init_ray(self) -> None:
-        import ray
         from ray.data import DataContext
 
-        if not ray.is_initialized():
-            ray.init(address=self.cfg.scaling.ray_address, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+        from streamssl import console
+
+        # In a CLI console session, Ray's and the driver's logs go to <run_dir>/logs (local run
+        # directories; otherwise they stay in Ray's session directory).
+        console.init_ray(self.cfg.scaling.ray_address,
+                         self.layout.logs_dir.local_path() if self.layout.is_local else None)
         # Segments must be read in plan order (see data/segments.py).
         DataContext.get_current().execution_options.preserve_order = True
 
     def run(self) -> list[SegmentResult]:
         cfg, run_dir = self.cfg, self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.root.mkdir()
         state = read_state(run_dir)
         if state.completed and not self.resume:
             raise RuntimeError(f"{run_dir} already holds a run; use `streamssl resume {run_dir}`")
@@ -206,137 +222,320 @@ class StreamRunner:
         strategy = build_strategy(cfg)
         completed = state.completed
         if completed:  # resume: restore driver-side plugin state from the last finished segment
-            strategy.load_driver_state(Path(completed[-1].checkpoint_dir))
-        ctx = StreamContext(config=cfg, run_dir=str(run_dir), dataset_dir=cfg.data.dataset_dir,
-                            plan_dir=str(RunLayout(run_dir).plan_dir), num_segments=num_segments,
+            strategy.load_driver_state(ck.local_checkpoint(completed[-1].checkpoint_dir))
+        ctx = StreamContext(config=cfg, run_dir=run_dir, dataset_dir=cfg.data.dataset_dir,
+                            plan_dir=self.layout.plan_dir.uri, num_segments=num_segments,
                             dataset_meta=dataset_meta, plan_meta=plan_meta, resumed=bool(completed) or self.resume,
                             completed=len(completed))
         self._emit("on_stream_start", ctx)
         results = list(completed)
         t_stream = time.perf_counter()
-        for t in range(len(completed), num_segments):
-            result = self._run_segment(ctx, t, plan, strategy, state)
-            results.append(result)
-            completed.append(result)
-            state.in_progress = None
-            write_state(run_dir, state)
-            self._emit("on_segment_end", ctx, result)
+        remaining = list(range(len(completed), num_segments))
+        per_fit = cfg.scaling.segments_per_fit or max(1, len(remaining))
+        evaluator = None
+        if cfg.eval.enabled and remaining:
+            from streamssl.evaluate.service import start_evaluator
+
+            evaluator = start_evaluator(cfg.eval.num_cpus, cfg.eval.num_gpus)
+        try:
+            for i in range(0, len(remaining), per_fit):
+                results.extend(_SegmentsFit(self, ctx, remaining[i:i + per_fit], plan, strategy, state,
+                                            evaluator).run())
+        finally:
+            if evaluator is not None:
+                import ray
+
+                ray.kill(evaluator)
         _write_results(run_dir, results, wall_s=time.perf_counter() - t_stream)
         self._emit("on_stream_end", ctx, results)
         print(f"done: {num_segments} segments; results in {run_dir}", flush=True)
         return results
 
-    def _run_segment(self, ctx: StreamContext, t: int, plan: pa.Table, strategy: Any,
-                     state: RunState) -> SegmentResult:
+
+@dataclass
+class _PreparedSegment:
+    """What the driver decided for one segment before its Ray Train run starts."""
+
+    segment: int
+    phase: dict[str, Any]  # the worker's instructions (see worker.train_loop_per_worker)
+    parent: str | None  # checkpoint it starts from (None = fresh init)
+    own_rows: pa.Table
+    train_rows: int  # rows it trains on (segments 0..t for joint / cumulative)
+    multi: bool
+    extra_rows: dict[str, int]  # extra rows sampled (replay), by dataset name
+    driver_state: Path  # the strategy's driver state after this segment (replay buffer ...)
+
+
+class _SegmentsFit:
+    """One Ray Train run over consecutive segments, and the driver's side of it.
+
+    Before the run, every segment's data is decided (the strategy's data plugins; the replay
+    buffer depends only on which rows were seen, so it is advanced ahead of training) and named
+    per segment (``train_<t>``, ``replay_<t>``). While the run trains, rank 0's messages
+    (:mod:`streamssl.train.channel`) drive everything else in segment order: a segment's
+    checkpoint is published as soon as it ends, handed to the evaluator actor, and once evaluated
+    recorded in ``state.json`` and passed to the callbacks, while the workers already train the
+    next segment. A failed run still records every segment that finished before the failure.
+    """
+
+    def __init__(self, runner: StreamRunner, ctx: StreamContext, segments: list[int], plan: pa.Table,
+                 strategy: Any, state: RunState, evaluator: Any) -> None:
+        self.runner, self.ctx, self.segments, self.plan = runner, ctx, segments, plan
+        self.strategy, self.state, self.evaluator = strategy, state, evaluator
+        self.cfg, self.layout = runner.cfg, runner.layout
+        self.prepared: dict[int, _PreparedSegment] = {}
+        self.ended: dict[int, tuple[dict[str, Any], float]] = {}  # end message + when it arrived
+        self.evals: dict[int, Any] = {}  # segment -> evaluation ObjectRef
+        self.started: dict[int, float] = {}
+        self.steps: dict[int, list[dict[str, Any]]] = {}
+        self.emitted_start: set[int] = set()
+        self.results: list[SegmentResult] = []
+        self.next = segments[0]  # the next segment to record
+
+    # -- before the run
+    def _prepare(self, datasets: dict[str, Any], tmp: Path) -> None:
+        from streamssl.data.segments import read_rows, read_segments
+
+        cfg, plan = self.cfg, self.plan
+        size, channels = cfg.data.image_size, cfg.data.channels
+        for t in self.segments:
+            data = self.strategy.segment_data(t)
+            first = t == self.segments[0]
+            if first:
+                parent = start_checkpoint(data, self.state.completed)
+                start = "checkpoint" if parent else "fresh"
+            else:
+                parent = self.layout.checkpoint(t - 1).uri if data.from_previous else None
+                start = "previous" if data.from_previous else "fresh"
+            train_segments = list(data.train_segments)
+            multi = train_segments != [t]  # joint / cumulative: segments 0..t
+            own_rows = segment_rows(plan, [t], cfg.stream.max_images_per_segment)
+            train_rows = segment_rows(plan, train_segments, cfg.stream.max_images_per_segment) if multi else own_rows
+            try:
+                bp = batch_plan(cfg, train_rows.num_rows, data.extras)
+            except ValueError as e:
+                raise ValueError(f"segment {t}: {e}") from None
+            name = f"train_{t}"
+            if multi:
+                datasets[name] = read_segments(cfg.data.dataset_dir,
+                                               plan.filter(pc.is_in(plan["image_id"], train_rows["image_id"])),
+                                               train_segments, image_size=size, channels=channels,
+                                               shuffle_seed=cfg.seed * 7919 + t)
+            elif cfg.stream.max_images_per_segment:
+                datasets[name] = read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels)
+            else:
+                datasets[name] = read_segments(cfg.data.dataset_dir, plan, t, image_size=size, channels=channels)
+            # Extra rows (replay) are sampled for the whole segment up front, each in its own
+            # dataset that the workers mix into every batch.
+            extras, extra_rows = {}, {}
+            for extra in data.extras:
+                rows = extra.sample(bp.extra_rows_needed[extra.name], cfg.seed * 31 + t)
+                extra_rows[extra.name] = rows.num_rows
+                datasets[f"{extra.name}_{t}"] = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=channels)
+                extras[extra.name] = [f"{extra.name}_{t}", bp.extra_per_batch[extra.name]]
+            self.strategy.after_segment_driver(t, own_rows)
+            driver_state = tmp / segment_name(t)
+            self.strategy.save_driver_state(driver_state)
+            phase = {"segment": t, "total_steps": bp.total_steps, "own_per_batch": bp.own_per_batch,
+                     "dataset": name, "extras": extras, "start": start,
+                     "init_checkpoint": parent if start == "checkpoint" else None}
+            self.prepared[t] = _PreparedSegment(t, phase, parent, own_rows, train_rows.num_rows, multi, extra_rows,
+                                                driver_state)
+
+    def run(self) -> list[SegmentResult]:
+        import threading
+
         from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
         from ray.train.torch import TorchTrainer
 
-        from streamssl.data.segments import read_rows, read_segments
+        from streamssl.train.channel import SegmentChannel
+        from streamssl.train.worker import FINAL_SCORE_METRIC
 
-        cfg, run_dir = self.cfg, self.run_dir
-        t_segment = time.perf_counter()
-        self._emit("on_segment_start", ctx, t)
-        train_segments, prev = segment_training_plan(cfg, t, state.completed)
-        multi = len(train_segments) > 1  # joint / cumulative: segments 0..t
-        own_rows = segment_rows(plan, [t], cfg.stream.max_images_per_segment)
-        train_rows = segment_rows(plan, train_segments, cfg.stream.max_images_per_segment) if multi else own_rows
-        extra = strategy.extra_datasets(t)
-        with_replay = "replay" in extra and extra["replay"].num_rows > 0
+        cfg, state = self.cfg, self.state
+        datasets: dict[str, Any] = {}
+        tmp = Path(tempfile.mkdtemp(prefix="streamssl-fit-"))
+        channel = SegmentChannel()
         try:
-            bp = batch_plan(cfg, train_rows.num_rows, with_replay)
-        except ValueError as e:
-            raise ValueError(f"segment {t}: {e}") from None
-        total_steps = bp.total_steps
+            self._prepare(datasets, tmp)
+            # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its
+            # latest checkpoint; a fresh attempt gets a fresh name (see docs/stack-notes.md).
+            ip = state.in_progress
+            first = self.segments[0]
+            name = (ip["ray_run_name"] if ip and ip.get("segment") == first
+                    else f"{segment_name(first)}-{uuid.uuid4().hex[:6]}")
+            self.ray_run_name = name
+            state.in_progress = {"segment": first, "segments": self.segments, "ray_run_name": name}
+            write_state(self.runner.run_dir, state)
+            ray_dir = self.layout.ray_dir
+            storage = ({"storage_path": ray_dir.path} if ray_dir.is_local
+                       else {"storage_path": ray_dir.path, "storage_filesystem": ray_dir.fs})
+            trainer = TorchTrainer(
+                train_loop_per_worker=_train_loop_entry,
+                train_loop_config={"config": cfg.to_dict(), "channel": channel,
+                                   "phases": [self.prepared[t].phase for t in self.segments]},
+                scaling_config=ray_scaling_config(cfg),
+                datasets=datasets,
+                dataset_config=DataConfig(datasets_to_split="all"),
+                run_config=RunConfig(
+                    name=name,
+                    **storage,
+                    failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                    # Segment-final checkpoints score 1 and in-segment ones 0: Ray keeps the two
+                    # newest final ones (and always the latest), so a segment's checkpoint is
+                    # still there when the driver publishes it.
+                    checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=FINAL_SCORE_METRIC),
+                ),
+            )
+            outcome: dict[str, Any] = {}
 
-        size, channels = cfg.data.image_size, cfg.data.channels
-        ids = pa.table({"image_id": train_rows["image_id"]})
-        if multi:
-            datasets = {"train": read_segments(cfg.data.dataset_dir, plan.filter(pc.is_in(plan["image_id"], ids["image_id"])),
-                                               train_segments, image_size=size, channels=channels,
-                                               shuffle_seed=cfg.seed * 7919 + t)}
-        elif cfg.stream.max_images_per_segment:
-            datasets = {"train": read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels)}
-        else:
-            datasets = {"train": read_segments(cfg.data.dataset_dir, plan, t, image_size=size, channels=channels)}
+            def fit() -> None:
+                try:
+                    outcome["result"] = trainer.fit()
+                except BaseException as e:  # noqa: BLE001 (re-raised on the driver's thread)
+                    outcome["error"] = e
 
-        replay_rows_n = 0
-        if bp.replay_per_batch > 0:
-            rows = strategy.sample_replay(bp.replay_rows_needed, seed=cfg.seed * 31 + t)
-            replay_rows_n = rows.num_rows
-            datasets["replay"] = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=channels)
-
-        # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its latest
-        # in-segment checkpoint; a fresh attempt gets a fresh name (see docs/stack-notes.md).
-        ip = state.in_progress
-        name = ip["ray_run_name"] if ip and ip.get("segment") == t else f"{segment_name(t)}-{uuid.uuid4().hex[:6]}"
-        state.in_progress = {"segment": t, "ray_run_name": name}
-        write_state(run_dir, state)
-
-        mlflow_spec = None
-        if ctx.tracking.segment_run_id and ctx.tracking.tracking_uri:
-            mlflow_spec = {"run_id": ctx.tracking.segment_run_id, "tracking_uri": ctx.tracking.tracking_uri}
-        loop_cfg = {"config": cfg.to_dict(), "segment": t, "total_steps": total_steps,
-                    "own_per_batch": bp.own_per_batch, "replay_per_batch": bp.replay_per_batch,
-                    "init_checkpoint": prev, "mlflow": mlflow_spec}
-        scaling = ray_scaling_config(cfg)
-        trainer = TorchTrainer(
-            train_loop_per_worker=_train_loop_entry,
-            train_loop_config=loop_cfg,
-            scaling_config=scaling,
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split="all"),
-            run_config=RunConfig(
-                name=name,
-                storage_path=str(RunLayout(run_dir).ray_dir),
-                failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-        )
-        print(f"segment {t + 1}/{ctx.num_segments}: {own_rows.num_rows} images"
-              f"{f' (+{replay_rows_n} replay rows)' if replay_rows_n else ''}"
-              f"{f' ({cfg.strategy}: {train_rows.num_rows} rows)' if multi else ''}, {total_steps} steps", flush=True)
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        fit_s = time.perf_counter() - t0
-        if result.checkpoint is None:
-            raise RuntimeError(f"segment {t}: training produced no checkpoint ({result.error})")
-
-        ckpt_dir = RunLayout(run_dir).checkpoint(t)
-        with result.checkpoint.as_directory() as d:
-            tmp = RunLayout(run_dir).checkpoint_staging(t)
+            self.t_fit = time.perf_counter()
+            thread = threading.Thread(target=fit, name="streamssl-fit", daemon=True)
+            thread.start()
+            while thread.is_alive() or self._pending():
+                msg = channel.get(timeout=0.2)
+                if msg is not None:
+                    self._on_message(msg)
+                elif not thread.is_alive():
+                    self._wait_for_evaluations()
+                    msg = channel.get(timeout=1.0)  # a last message put just before the run ended
+                    if msg is not None:
+                        self._on_message(msg)
+                    elif not self._ready():
+                        break
+                self._record_ready()
+            thread.join()
+            error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
+            if self.next <= self.segments[-1]:
+                raise RuntimeError(f"segment {self.next}: training ended without finishing it"
+                                   + (f" ({error})" if error else "")) from error
+            if state.in_progress and state.in_progress.get("ray_run_name") == name:
+                state.in_progress = None
+                write_state(self.runner.run_dir, state)
+            return self.results
+        finally:
+            channel.close()
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(d, tmp, ignore=shutil.ignore_patterns(ck.ENGINE_DIR))
-        strategy.after_segment_driver(t, own_rows)
-        strategy.save_driver_state(tmp)
-        ck.publish_dir(tmp, ckpt_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
 
+    # -- while the run trains
+    def _pending(self) -> bool:
+        return any(t >= self.next for t in self.ended)
+
+    def _ready(self) -> bool:
+        return self.next in self.ended and (self.evaluator is None or self.next in self.evals)
+
+    def _wait_for_evaluations(self) -> None:
+        if self.next in self.evals:
+            import ray
+
+            ray.wait([self.evals[self.next]])
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        t, kind = int(msg["segment"]), msg["kind"]
+        if t < self.next or t not in self.prepared:
+            return  # a repeat after a worker restart, of a segment already recorded
+        if kind == "start":
+            self.started.setdefault(t, time.perf_counter())
+            self._maybe_start(t)
+        elif kind == "steps":
+            if t in self.emitted_start:
+                self.runner._emit("on_train_steps", self.ctx, t, msg["records"])
+            else:
+                self.steps.setdefault(t, []).extend(msg["records"])
+        elif kind == "end" and t not in self.ended:
+            self.ended[t] = (msg, time.perf_counter())
+            self._publish(t, msg["checkpoint"])
+
+    def _maybe_start(self, t: int) -> None:
+        if t == self.next and t in self.started and t not in self.emitted_start:
+            self.emitted_start.add(t)
+            self.runner._emit("on_segment_start", self.ctx, t)
+            if self.steps.get(t):
+                self.runner._emit("on_train_steps", self.ctx, t, self.steps.pop(t))
+
+    def _publish(self, t: int, checkpoint_name: str) -> None:
+        """Segment t's checkpoint: the workers' model from Ray's storage + the driver's strategy
+        state, published into the run directory; then evaluation starts on it."""
+        prep = self.prepared[t]
+        ray_ckpt = self.layout.ray_dir / self.ray_run_name / checkpoint_name
+        tmp = Path(tempfile.mkdtemp(prefix=f"streamssl-{segment_name(t)}-")) / "staging"
+        try:
+            if ray_ckpt.is_local:
+                shutil.copytree(ray_ckpt.path, tmp, ignore=shutil.ignore_patterns(ck.ENGINE_DIR))
+            else:
+                ray_ckpt.download_to(tmp)
+            if prep.driver_state.is_dir():  # strategies without driver plugins save nothing
+                shutil.copytree(prep.driver_state, tmp, dirs_exist_ok=True)
+            ck.publish_dir(tmp, self.layout.checkpoint(t))
+        finally:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+        if self.evaluator is not None:
+            self.evals[t] = self.evaluator.evaluate.remote(self.cfg.to_dict(), self.layout.checkpoint(t).uri,
+                                                           self.ctx.plan_meta, t, prep.parent)
+
+    def _record_ready(self) -> None:
+        """Record, in segment order, every segment that has ended and been evaluated."""
+        import ray
+
+        while self.next in self.ended:
+            t = self.next
+            eval_out = None
+            if t in self.evals:
+                done, _ = ray.wait([self.evals[t]], timeout=0)
+                if not done:
+                    return
+                eval_out = ray.get(self.evals.pop(t))
+            if t not in self.emitted_start:  # the start message was lost to a worker restart
+                self.started.setdefault(t, self.ended[t][1])
+                self._maybe_start(t)
+            self._record(t, eval_out)
+            self.next = t + 1
+            self._maybe_start(self.next)
+
+    def _record(self, t: int, eval_out: tuple[dict[str, float], dict[str, list[float]], float] | None) -> None:
+        prep, (msg, t_end) = self.prepared[t], self.ended[t]
+        ckpt_dir = self.layout.checkpoint(t)
         meta = ck.read_meta(ckpt_dir)
-        metrics = {k: float_or_nan(v) for k, v in meta.get("metrics", {}).items()}
+        metrics = {k: float_or_nan(v) for k, v in meta.get("metrics", msg.get("metrics", {})).items()}
+        # The workers' wall time on this segment: from the previous segment's end (or the run's
+        # start, which includes starting the worker group) to this one's.
+        t_begin = self.ended[t - 1][1] if t - 1 in self.ended else self.t_fit
+        fit_s = t_end - t_begin
         metrics["time/fit_s"] = fit_s
         metrics["time/overhead_s"] = fit_s - metrics.get("time/train_loop_s", 0.0) - metrics.get("time/importance_s", 0.0)
-        metrics["data/segment_images"] = own_rows.num_rows
-        metrics["data/replay_rows"] = replay_rows_n
-        seg_meta = _segment_meta(ctx.plan_meta, t)
-        result_obj = SegmentResult(segment=t, checkpoint_dir=str(ckpt_dir), parent_checkpoint=prev,
-                                   num_images=own_rows.num_rows, num_replay_images=replay_rows_n, metrics=metrics,
-                                   classes=[str(c) for c in seg_meta.get("classes", [])],
-                                   domains=[str(d) for d in seg_meta.get("domains", [])],
-                                   step_metrics_file=str(ckpt_dir / ck.STEPS_FILE))
-        if cfg.eval.enabled:
-            from streamssl.evaluate.after_segment import evaluate_checkpoint
-
-            t_eval = time.perf_counter()
-            eval_metrics, acc_row = evaluate_checkpoint(cfg, ckpt_dir, ctx.plan_meta, t, prev_ckpt=prev)
+        metrics["data/segment_images"] = prep.own_rows.num_rows
+        metrics["data/replay_rows"] = sum(prep.extra_rows.values())
+        seg_meta = _segment_meta(self.ctx.plan_meta, t)
+        result = SegmentResult(segment=t, checkpoint_dir=ckpt_dir.uri, parent_checkpoint=prep.parent,
+                               num_images=prep.own_rows.num_rows, num_replay_images=sum(prep.extra_rows.values()),
+                               metrics=metrics, classes=[str(c) for c in seg_meta.get("classes", [])],
+                               domains=[str(d) for d in seg_meta.get("domains", [])],
+                               step_metrics_file=(ckpt_dir / ck.STEPS_FILE).uri)
+        if eval_out is not None:
+            eval_metrics, acc_row, eval_s = eval_out
             metrics.update(eval_metrics)
-            metrics["time/eval_s"] = time.perf_counter() - t_eval
-            result_obj.accuracy_row = acc_row
-        # Everything this segment cost on the driver's clock: data set-up, fit, publish, evaluation.
-        metrics["time/segment_wall_s"] = time.perf_counter() - t_segment
-        print(f"segment {t + 1}/{ctx.num_segments} done in {fit_s:.0f}s: "
-              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(("train/loss", "eval/knn_acc", "eval/linear_acc"))
-                          and "seg" not in k), flush=True)
-        return result_obj
+            metrics["time/eval_s"] = eval_s
+            result.accuracy_row = acc_row
+        # From the previous segment's end to this one's record: training, publishing, evaluation.
+        metrics["time/segment_wall_s"] = time.perf_counter() - t_begin
+        self.state.completed.append(result)
+        write_state(self.runner.run_dir, self.state)
+        self.results.append(result)
+        ctx, cfg = self.ctx, self.cfg
+        # One console line per segment: what it trained on, what it cost, what it reached.
+        print(f"segment {t + 1}/{ctx.num_segments} done in {metrics['time/segment_wall_s']:.0f}s (fit {fit_s:.0f}s): "
+              f"{prep.own_rows.num_rows} images"
+              + "".join(f" (+{n} {name} rows)" for name, n in prep.extra_rows.items() if n)
+              + f"{f' ({cfg.strategy}: {prep.train_rows} rows)' if prep.multi else ''}, {prep.phase['total_steps']} steps; "
+              + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                          if k.startswith(("train/loss", "eval/knn_acc", "eval/linear_acc")) and "seg" not in k),
+              flush=True)
+        self.runner._emit("on_segment_end", ctx, result)
 
 
 def _train_loop_entry(loop_cfg: dict[str, Any]) -> None:
@@ -362,7 +561,7 @@ def _segment_meta(plan_meta: dict[str, Any], t: int) -> dict[str, Any]:
     return {}
 
 
-def _write_results(run_dir: Path, results: list[SegmentResult], wall_s: float) -> None:
+def _write_results(run_dir: str, results: list[SegmentResult], wall_s: float) -> None:
     from streamssl.evaluate.continual_metrics import forgetting_and_accuracy
     from streamssl.run.results import write_results
 
@@ -380,5 +579,5 @@ def train(cfg: Config, run_dir: str | Path | None = None, *, callbacks: Sequence
 
 def resume(run_dir: str | Path, *, callbacks: Sequence[StreamCallback]) -> list[SegmentResult]:
     """Continue a killed run from its last completed segment, with its saved config and plan."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = canonical_run_dir(run_dir)
     return StreamRunner(load_run_config(run_dir), run_dir, resume=True, callbacks=callbacks).run()

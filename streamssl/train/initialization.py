@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from pathlib import Path
 
 from torch import Tensor, nn
 
 from streamssl.config import Config
 from streamssl.run import checkpoint as ck
+from streamssl.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def load_initial_weights(model: nn.Module, cfg: Config, init_checkpoint: str | N
     loaded) and every segment freezes the same tensors.
     """
     if init_checkpoint:
-        model.load_state_dict(ck.load_tensors(Path(init_checkpoint) / ck.MODEL_FILE))
+        model.load_state_dict(ck.load_model_state(init_checkpoint))
         pretrained: set[str] = set()
         if cfg.init.checkpoint and cfg.init.bn_only:
             pretrained = set(hpt_init_state(model, cfg.init.checkpoint)[0])
@@ -49,10 +49,10 @@ def hpt_init_state(model: nn.Module, path: str) -> tuple[dict[str, Tensor], str]
     """
     from streamssl.ssl.backbones import torchvision_state_for
 
-    p = Path(path)
+    p = Location(path)
     if p.is_dir():
         ckpt = ck.resolve_checkpoint(p)
-        state = ck.load_tensors(ckpt / ck.MODEL_FILE)
+        state = ck.load_model_state(ckpt)
         own = model.state_dict()
         compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         if not any(k.startswith("backbone.") for k in compatible):

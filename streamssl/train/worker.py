@@ -1,18 +1,26 @@
-"""The per-worker training loop: one Ray Train worker = one DeepSpeed engine.
+"""The per-worker training loop: one Ray Train worker trains a run's segments in order.
 
-Runs inside ``TorchTrainer`` for one segment. Ray Train has already created the process group
-(gloo on CPU, NCCL on GPU), and DeepSpeed reuses it. The loop:
+Runs inside ``TorchTrainer``. Ray Train has already created the process group (gloo on CPU,
+NCCL on GPU), and DeepSpeed reuses it. One Ray Train run covers several segments (all the
+stream's remaining ones by default, ``scaling.segments_per_fit``), so worker start-up, the process
+group and imports are paid once, not per segment. Each segment runs in phases that share one
+:class:`_SegmentWork` (the worker's per-segment state):
 
-1. build the SSL method and the strategy's worker plugins (regularizers);
-2. load the starting weights: an in-segment checkpoint (Ray restarted us after a failure), else
-   the previous segment's checkpoint, else the HPT initialization, else random init;
-3. ``deepspeed.initialize`` with our own optimizer and per-segment LR schedule;
-4. stream batches from ``get_dataset_shard("train")`` through a seeded local shuffle buffer
-   (``data.shuffle_buffer``), + ``"replay"`` rows mixed into every batch (sizes from the driver's
-   ``batch_plan``), make two augmented views on the worker with this rank's own generator,
-   loss = SSL loss + strategy penalty, step;
-5. at the end, let regularizers compute importance on this segment's own rows (no replay), then
-   publish the segment checkpoint (and compute counts) through ``ray.train.report``.
+1. ``_set_up``: the SSL method with this segment's starting weights (the previous segment's, as
+   this worker left them or from a published checkpoint; else the HPT initialization, else
+   random init) and a new DeepSpeed engine: a fresh optimizer and per-segment LR schedule;
+   after a failure, the engine state of the latest in-segment checkpoint (:func:`_restore_point`);
+2. ``_open_data`` + ``_train_steps``: stream batches from the segment's dataset shard through a
+   seeded local shuffle buffer (``data.shuffle_buffer``), + the rows of each extra dataset
+   (replay) mixed into every batch (sizes from the driver's ``batch_plan``), make two augmented
+   views on the worker with this rank's own generator, loss = SSL loss + strategy penalty, step;
+   report in-segment checkpoints every ``scaling.checkpoint_every_steps`` steps;
+3. ``_finish``: let regularizers compute importance on this segment's own rows (no replay), then
+   report the segment's final checkpoint through ``ray.train.report``.
+
+Rank 0 tells the driver about each segment's start, its per-step records and its end through a
+channel (:mod:`streamssl.train.channel`); the driver publishes, evaluates and logs a segment while
+the workers go on with the next.
 
 Every rank runs the same number of optimizer steps (collectives in DeepSpeed, MoCo and SimCLR
 need it), so the step budget is computed by the driver and data is cycled if a shard runs dry.
@@ -21,11 +29,12 @@ need it), so the step budget is computed by the driver and data is cycled if a s
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,7 @@ from torch import nn
 
 from streamssl.config import Config
 from streamssl.run import checkpoint as ck
+from streamssl.run.layout import segment_name
 from streamssl.train.deepspeed_config import deepspeed_config
 from streamssl.ssl import model_init_seed
 from streamssl.train.initialization import apply_bn_only, load_initial_weights
@@ -156,17 +166,17 @@ def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generat
 
 
 class BatchSource:
-    """One worker's uint8 image batches: the segment's own rows, with replay rows for training.
+    """One worker's uint8 image batches: the segment's own rows, with extra rows for training.
 
-    Training steps take :meth:`mixed` (own rows + the replay rows of the same micro-step); the
-    importance pass of MAS/EWC takes :meth:`own`, so importance is estimated on this segment's
-    data only and never on replayed rows of earlier segments. Undecodable rows are repaired
-    (:func:`repair_invalid`) and counted in ``skipped``.
+    Training steps take :meth:`mixed` (own rows + each extra dataset's rows of the same
+    micro-step, e.g. replay); the importance pass of MAS/EWC takes :meth:`own`, so importance is
+    estimated on this segment's data only and never on replayed rows of earlier segments.
+    Undecodable rows are repaired (:func:`repair_invalid`) and counted in ``skipped``.
     """
 
-    def __init__(self, train: Iterator[dict[str, np.ndarray]], replay: Iterator[dict[str, np.ndarray]] | None,
+    def __init__(self, train: Iterator[dict[str, np.ndarray]], extras: Sequence[Iterator[dict[str, np.ndarray]]],
                  rng: np.random.Generator) -> None:
-        self.train, self.replay, self.rng = train, replay, rng
+        self.train, self.extras, self.rng = train, list(extras), rng
         self.skipped = 0
 
     def _take(self, it: Iterator[dict[str, np.ndarray]]) -> np.ndarray:
@@ -180,8 +190,8 @@ class BatchSource:
 
     def mixed(self) -> np.ndarray:
         imgs = self._take(self.train)
-        if self.replay is not None:
-            imgs = np.concatenate([imgs, self._take(self.replay)])
+        if self.extras:
+            imgs = np.concatenate([imgs, *(self._take(it) for it in self.extras)])
         return self._writeable(imgs)
 
     @staticmethod
@@ -204,40 +214,241 @@ def importance_images(source: BatchSource, num_batches: int, counter: list[int])
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Fit:
+    """What one worker keeps across the segments of one Ray Train run."""
+
+    cfg: Config
+    phases: list[dict[str, Any]]  # one per segment, from the driver (see train_loop_per_worker)
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # of the augmented views (bf16 or fp32)
+    strategy: Any  # the continual strategy's worker plugins (regularizers), carried across segments
+    channel: Any  # streamssl.train.channel.SegmentChannel (rank 0 reports progress through it)
+    last_state: dict[str, torch.Tensor] | None = None  # weights the last finished segment left
+
+
+@dataclass
+class _SegmentWork:
+    """One worker's state for one segment: built by :func:`_set_up`, advanced by the phases.
+
+    The counters are what a checkpoint records, so that a restarted worker continues them.
+    """
+
+    fit: _Fit
+    segment: int
+    total_steps: int
+    own_per_batch: int  # rows of this segment per micro-batch (sized by driver.batch_plan)
+    extras: dict[str, tuple[str, int]]  # extra rows per micro-batch: name -> (Ray dataset, rows)
+    dataset: str  # the Ray dataset of this segment's own rows
+    engine: Any  # the DeepSpeed engine around the SSL method
+    module: Any  # the SSL method itself (engine.module)
+    sched: torch.optim.lr_scheduler.LambdaLR
+    rng: np.random.Generator  # draws replacements for undecodable rows
+    init_source: str  # where the weights came from, for meta.json
+    init_digest: str  # digest of the starting weights, to check the chain of segments
+    setup_s: float = 0.0  # model + engine set-up of this segment
+    start_step: int = 0
+    images_seen: int = 0  # rows through forward+backward, all workers, this segment so far
+    restored_skipped: int = 0  # undecodable rows counted before a restart; `data` counts on
+    step_images: int = 0  # rows of this attempt's steps, all workers (for throughput)
+    train_time_s: float = 0.0
+    steps_log: list[dict[str, Any]] = field(default_factory=list)  # rank 0's per-step records
+    views: _Views | None = None  # set by _open_data, once start_step is known
+    data: BatchSource | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return self.fit.cfg
+
+    @property
+    def rank(self) -> int:
+        return self.fit.rank
+
+    @property
+    def micro_batch(self) -> int:
+        return self.own_per_batch + sum(n for _, n in self.extras.values())
+
+
+class _Views:
+    """Two augmented views of a uint8 batch on the worker's device, from this rank's generator."""
+
+    def __init__(self, cfg: Config, segment: int, rank: int, start_step: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        from streamssl.ssl import build_augment
+
+        self.augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels).to(device)
+        self.generator = augment_generator(cfg.seed, segment, rank, start_step, device)
+        self.device, self.dtype = device, dtype
+
+    def to_device(self, imgs: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(imgs).to(self.device, non_blocking=True)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.augment(x, generator=self.generator).to(self.dtype),
+                self.augment(x, generator=self.generator).to(self.dtype))
+
+
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    import deepspeed
+    """Train this Ray Train run's segments in order (the ``TorchTrainer`` entry point).
+
+    ``loop_cfg`` comes from the driver: ``config`` (the run's Config as a dict), ``channel``
+    (where rank 0 reports each segment's start, steps and end) and ``phases``, one per segment:
+    ``segment``, ``total_steps``, ``own_per_batch``, ``dataset`` (its rows' Ray dataset),
+    ``extras`` (``{name: [Ray dataset, rows per micro-batch]}``), ``start`` (``"previous"``: the
+    weights the last segment of this run left; ``"fresh"``: the initialization segment 0 had;
+    ``"checkpoint"``: ``init_checkpoint``, a published segment checkpoint, path or URI).
+
+    One worker group, one process group and one set of imports serve every segment: each segment
+    only builds a new DeepSpeed engine (a fresh optimizer and LR schedule). After a failure Ray
+    Train restarts the group with the latest reported checkpoint, and the loop continues there
+    (:func:`_restore_point`).
+    """
+    fit = _start_fit(loop_cfg)
+    first, restored = _restore_point(fit)
+    for i, phase in enumerate(fit.phases):
+        if i < first:
+            continue
+        work = _set_up(fit, phase, restored if i == first else None)
+        if fit.rank == 0:
+            fit.channel.put({"kind": "start", "segment": work.segment, "setup_s": work.setup_s})
+            print(f"[segment {work.segment}] rank 0: start from {work.init_source}; steps {work.start_step}->"
+                  f"{work.total_steps}, world {fit.world}, micro-batch {work.micro_batch} "
+                  f"({work.micro_batch - work.own_per_batch} extra)", flush=True)
+        _open_data(work)
+        _train_steps(work)
+        _finish(work)
+        # Weights only: the next segment builds a clean module and engine around a copy, so no
+        # hook or optimizer state of this segment's engine carries over.
+        fit.last_state = {k: v.detach().clone() for k, v in work.module.state_dict().items()}
+        del work
+
+
+def _start_fit(loop_cfg: dict[str, Any]) -> _Fit:
     import ray.train
 
     from streamssl.continual import build_strategy
-    from streamssl.ssl import build_augment
 
     cfg = Config.model_validate(loop_cfg["config"])
-    segment: int = loop_cfg["segment"]
-    total_steps: int = loop_cfg["total_steps"]
-    # Per-worker micro-batch = own rows + replay rows, sized by the driver (driver.batch_plan).
-    own_per_batch: int = loop_cfg.get("own_per_batch", cfg.optim.batch_size)
-    replay_per_batch: int = loop_cfg.get("replay_per_batch", 0)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    seed = cfg.seed * 1_000_003 + segment * 101 + rank
-    torch.manual_seed(model_init_seed(cfg.seed))  # same init on every rank and for every segment
-    rng = np.random.default_rng(seed)
+    dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
+    return _Fit(cfg=cfg, phases=list(loop_cfg["phases"]), rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                device=device, dtype=dtype, strategy=build_strategy(cfg), channel=loop_cfg["channel"])
 
+
+def _restore_point(fit: _Fit) -> tuple[int, dict[str, Any] | None]:
+    """(index of the first phase to run, what to restore it from).
+
+    Fresh start: (0, None). After a failure, Ray Train hands back the latest reported checkpoint:
+    a segment's final checkpoint means that segment is done (it is announced again, in case the
+    failure hit before the driver heard of it) and the next one starts from its weights; an
+    in-segment checkpoint means that segment continues from it.
+    """
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return 0, None
+    with restored.as_directory() as d:
+        meta = ck.read_meta(d)
+        state = ck.load_strategy_state(d)
+        model = ck.load_model_state(d)
+        engine_dir = None
+        if not meta["final"]:  # the engine state is read by DeepSpeed from a local directory
+            engine_dir = tempfile.mkdtemp(prefix="streamssl-restore-")
+            shutil.copytree(Path(d) / ck.ENGINE_DIR, Path(engine_dir) / ck.ENGINE_DIR)
+    if state is not None:
+        fit.strategy.load_worker_state(state)
+    index = next((i for i, p in enumerate(fit.phases) if p["segment"] == meta["segment"]), None)
+    if index is None:
+        if meta["segment"] < fit.phases[0]["segment"]:  # an earlier run's checkpoint: already published
+            return 0, None
+        raise RuntimeError(f"restored checkpoint of segment {meta['segment']} is not in this run's segments "
+                           f"{[p['segment'] for p in fit.phases]}")
+    if meta["final"]:
+        if fit.rank == 0:
+            fit.channel.put({"kind": "end", "segment": meta["segment"], "checkpoint": Path(restored.path).name,
+                             "metrics": meta.get("metrics", {})})
+        fit.last_state = model
+        return index + 1, None
+    return index, {"meta": meta, "model": model, "engine_dir": engine_dir}
+
+
+def _model_with(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:
+    torch.manual_seed(model_init_seed(cfg.seed))
     model = build_model(cfg)
-    source, pretrained = load_initial_weights(model, cfg, loop_cfg.get("init_checkpoint"))
-    init_digest = ck.state_digest(model.state_dict())
-    if cfg.init.bn_only:
-        apply_bn_only(model, pretrained)
-    strategy = build_strategy(cfg)
-    init_ckpt = loop_cfg.get("init_checkpoint")
-    if init_ckpt and (Path(init_ckpt) / ck.STRATEGY_FILE).is_file():
-        strategy.load_worker_state(ck.load_tensors(Path(init_ckpt) / ck.STRATEGY_FILE))
+    model.load_state_dict(state)
+    return model
 
-    micro_batch = own_per_batch + replay_per_batch
+
+def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -> _SegmentWork:
+    """Model, starting weights and DeepSpeed engine for one segment.
+
+    A fresh model is built under the run's model-init seed, the same on every rank and for every
+    segment, so a fresh start (segment 0, every joint segment) is identical across workers and
+    strategies; ``start`` then says where the weights come from (see
+    :func:`train_loop_per_worker`). A published checkpoint and its strategy state are read through
+    the run package, so a checkpoint given as a URI loads on any node.
+    """
+    t0 = time.perf_counter()
+    cfg, segment = fit.cfg, int(phase["segment"])
+    start = phase["start"]
+    pretrained: set[str] = set()
+    if restored is not None:  # continue this segment from its in-segment checkpoint (below)
+        model = _model_with(cfg, restored["model"])
+        source = f"in-segment checkpoint at step {restored['meta']['step']}"
+        init_digest = restored["meta"].get("init_digest", "")
+    elif start == "previous":
+        if fit.last_state is None:
+            raise RuntimeError(f"segment {segment} continues the previous segment, which this run did not train")
+        model = _model_with(cfg, fit.last_state)
+        source = f"segment {segment - 1} (same Ray Train run)"
+        init_digest = ck.state_digest(model.state_dict())
+    else:
+        torch.manual_seed(model_init_seed(cfg.seed))  # same init on every rank and for every segment
+        model = build_model(cfg)
+        init_ckpt = phase.get("init_checkpoint") if start == "checkpoint" else None
+        source, pretrained = load_initial_weights(model, cfg, init_ckpt)
+        if init_ckpt:
+            state = ck.load_strategy_state(init_ckpt)
+            if state is not None:
+                fit.strategy.load_worker_state(state)
+        init_digest = ck.state_digest(model.state_dict())
+    if cfg.init.bn_only:
+        if not pretrained and cfg.init.checkpoint:
+            from streamssl.train.initialization import hpt_init_state
+
+            pretrained = set(hpt_init_state(model, cfg.init.checkpoint)[0])
+        apply_bn_only(model, pretrained)
+    extras = {name: (str(ds), int(n)) for name, (ds, n) in (phase.get("extras") or {}).items()}
+    micro_batch = int(phase["own_per_batch"]) + sum(n for _, n in extras.values())
+    engine, sched = _build_engine(model, cfg, int(phase["total_steps"]), micro_batch)
+    module = engine.module
+    module.match_norm_buffers_to_weights()  # bf16: the engine cast BN weights but not their stats
+    work = _SegmentWork(fit=fit, segment=segment, total_steps=int(phase["total_steps"]),
+                        own_per_batch=int(phase["own_per_batch"]), extras=extras, dataset=str(phase["dataset"]),
+                        engine=engine, module=module, sched=sched,
+                        rng=np.random.default_rng(cfg.seed * 1_000_003 + segment * 101 + fit.rank),
+                        init_source=source, init_digest=init_digest)
+    if restored is not None:
+        meta = restored["meta"]
+        engine.load_checkpoint(str(Path(restored["engine_dir"]) / ck.ENGINE_DIR), tag=f"step{meta['step']}")
+        shutil.rmtree(restored["engine_dir"], ignore_errors=True)
+        work.start_step, work.images_seen = meta["step"], meta["images_seen"]
+        work.restored_skipped = meta.get("skipped_images", 0)
+    work.setup_s = time.perf_counter() - t0
+    return work
+
+
+def _build_engine(model: nn.Module, cfg: Config, total_steps: int, micro_batch: int) -> tuple[Any, Any]:
+    """(DeepSpeed engine, LR schedule): our optimizer over the trainable parameters, with the
+    schedule spanning this segment's ``total_steps`` (every segment warms up and decays anew)."""
+    import deepspeed
+
     params = [p for p in model.trainable_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -247,179 +458,185 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
                                            config=deepspeed_config(cfg, micro_batch))
-    module = engine.module
-    module.match_norm_buffers_to_weights()  # bf16: the engine cast BN weights but not their stats
-    dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
+    return engine, sched
 
-    # Restarted by Ray Train after a failure inside this segment: continue from its checkpoint.
-    start_step, images_seen, skipped = 0, 0, 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            meta = ck.read_meta(d)
-            engine.load_checkpoint(str(Path(d) / ck.ENGINE_DIR), tag=f"step{meta['step']}")
-            if (Path(d) / ck.STRATEGY_FILE).is_file():
-                strategy.load_worker_state(ck.load_tensors(Path(d) / ck.STRATEGY_FILE))
-            start_step, images_seen, skipped = meta["step"], meta["images_seen"], meta.get("skipped_images", 0)
-            source = f"in-segment checkpoint at step {start_step}"
-    if rank == 0:
-        print(f"[segment {segment}] rank 0: start from {source}; steps {start_step}->{total_steps}, "
-              f"world {world}, micro-batch {micro_batch} ({replay_per_batch} replay)", flush=True)
 
-    augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels).to(device)
-    aug_gen = augment_generator(cfg.seed, segment, rank, start_step, device)
-    accum = cfg.optim.grad_accum_steps
-    train_it = _batches(ray.train.get_dataset_shard("train"), own_per_batch, skip=start_step * accum,
-                        shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, rank))
-    replay_it = (_batches(ray.train.get_dataset_shard("replay"), replay_per_batch, skip=start_step * accum)
-                 if replay_per_batch else None)
-    data = BatchSource(train_it, replay_it, rng)
-    data.skipped = skipped
+def _open_data(work: _SegmentWork) -> None:
+    """This worker's batches and augmentations, positioned at ``start_step``.
 
-    def to_device(imgs: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(imgs).to(device, non_blocking=True)
+    Batches already trained on before a restart are skipped (the shuffle buffer is seeded, so
+    the next batch is the one the interrupted run would have taken); the augmentation generator
+    is seeded with ``start_step`` so a restart draws new views rather than replaying old ones.
+    """
+    import ray.train
 
-    def views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return augment(x, generator=aug_gen).to(dtype), augment(x, generator=aug_gen).to(dtype)
+    cfg, fit = work.cfg, work.fit
+    work.views = _Views(cfg, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
+    skip = work.start_step * cfg.optim.grad_accum_steps
+    train_it = _batches(ray.train.get_dataset_shard(work.dataset), work.own_per_batch, skip=skip,
+                        shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, work.segment, fit.rank))
+    extra_its = [_batches(ray.train.get_dataset_shard(ds), n, skip=skip) for ds, n in work.extras.values() if n]
+    work.data = BatchSource(train_it, extra_its, work.rng)
+    work.data.skipped = work.restored_skipped
 
-    steps_log: list[dict[str, Any]] = []
-    mlflow_logger = _StepLogger(loop_cfg.get("mlflow"), rank)
-    ckpt_every = cfg.scaling.checkpoint_every_steps
-    engine.train()
+
+# Rank 0 sends its step records to the driver in batches of this many (the driver logs them).
+STEPS_PER_MESSAGE = 20
+
+
+def _train_steps(work: _SegmentWork) -> None:
+    """The optimizer steps from ``start_step`` to ``total_steps``, with in-segment checkpoints.
+
+    Every rank runs every step (the collectives need it). Rank 0 records each step (steps.jsonl,
+    and batches of records to the driver, which logs them to MLflow); every
+    ``scaling.checkpoint_every_steps`` steps all ranks report a checkpoint that a restarted
+    worker group resumes from.
+    """
+    ckpt_every = work.cfg.scaling.checkpoint_every_steps
+    work.engine.train()
     t_start = time.perf_counter()
-    step_images = 0
-    for step in range(start_step, total_steps):
+    sent = len(work.steps_log)
+    for step in range(work.start_step, work.total_steps):
         t0 = time.perf_counter()
-        out: dict[str, torch.Tensor] = {}
-        for _ in range(accum):
-            x = to_device(data.mixed())
-            v1, v2 = views(x)
-            out = engine(v1, v2)
-            penalty = strategy.penalty(module)
-            loss = out["loss"] + penalty
-            engine.backward(loss)
-            engine.step()
-            images_seen += x.shape[0] * world
-            step_images += x.shape[0] * world
-        module.on_after_step()
-        if rank == 0:
-            rec = {"segment": segment, "step": step, "loss": float(out["loss"].detach().float()),
-                   "penalty": float(penalty.detach().float()) if torch.is_tensor(penalty) else float(penalty),
-                   "lr": float(sched.get_last_lr()[0]),
-                   "step_time_s": time.perf_counter() - t0}
-            rec.update({k: float(v.detach().float()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
-            steps_log.append(rec)
-            mlflow_logger.log(rec)
-        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < total_steps:
-            _report_checkpoint(engine, module, strategy, rank, step + 1, images_seen, data.skipped, steps_log,
-                               final=False, extra={"segment": segment})
-    train_time = time.perf_counter() - t_start
+        out, penalty = _optimizer_step(work)
+        work.module.on_after_step()
+        if work.rank == 0:
+            work.steps_log.append(_step_record(work, step, out, penalty, t0))
+            if len(work.steps_log) - sent >= STEPS_PER_MESSAGE:
+                work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
+                sent = len(work.steps_log)
+        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < work.total_steps:
+            _report_checkpoint(work, step + 1, final=False, extra={"segment": work.segment,
+                                                                   "init_digest": work.init_digest})
+    work.train_time_s = time.perf_counter() - t_start
+    if work.rank == 0 and len(work.steps_log) > sent:
+        work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
 
-    # Regularizers estimate parameter importance on this segment's own rows (no replay rows)
-    # before the segment is gone.
-    imp_rows = [0]
-    if strategy.worker_plugins:
-        t_imp = time.perf_counter()
-        imp_batches = cfg.regularization.importance_batches
 
-        def imp_views() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for imgs in importance_images(data, imp_batches, imp_rows):
-                yield views(to_device(imgs))
+def _optimizer_step(work: _SegmentWork) -> tuple[dict[str, torch.Tensor], Any]:
+    """One optimizer step: ``grad_accum_steps`` micro-steps of SSL loss + strategy penalty on
+    own + extra rows. Returns the last micro-step's outputs and penalty."""
+    assert work.views is not None and work.data is not None
+    out: dict[str, torch.Tensor] = {}
+    penalty: Any = 0.0
+    for _ in range(work.cfg.optim.grad_accum_steps):
+        x = work.views.to_device(work.data.mixed())
+        v1, v2 = work.views(x)
+        out = work.engine(v1, v2)
+        penalty = work.fit.strategy.penalty(work.module)
+        work.engine.backward(out["loss"] + penalty)
+        work.engine.step()
+        work.images_seen += x.shape[0] * work.fit.world
+        work.step_images += x.shape[0] * work.fit.world
+    return out, penalty
 
-        def loss_fn(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-            return module(v1, v2)["loss"]
 
-        strategy.after_segment(module, imp_views(), loss_fn, imp_batches)
-        importance_time = time.perf_counter() - t_imp
-    else:
-        importance_time = 0.0
+def _step_record(work: _SegmentWork, step: int, out: dict[str, torch.Tensor], penalty: Any,
+                 t0: float) -> dict[str, Any]:
+    """Rank 0's record of one step: loss, penalty, learning rate, time and the method's scalars."""
+    rec = {"segment": work.segment, "step": step, "loss": float(out["loss"].detach().float()),
+           "penalty": float(penalty.detach().float()) if torch.is_tensor(penalty) else float(penalty),
+           "lr": float(work.sched.get_last_lr()[0]),
+           "step_time_s": time.perf_counter() - t0}
+    rec.update({k: float(v.detach().float()) for k, v in out.items()
+                if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
+    return rec
 
+
+def _finish(work: _SegmentWork) -> None:
+    """Close the segment: importance pass, the segment's metrics, the final checkpoint.
+
+    Regularizers estimate parameter importance now, on this segment's own rows (no replay rows),
+    while the segment's data is still at hand; the final checkpoint carries the model, the
+    strategy state and the metrics the driver records. Rank 0 then tells the driver where it is.
+    """
+    imp_rows, importance_time = _importance_pass(work)
+    assert work.data is not None
+    world = work.fit.world
     metrics = {
-        "train/loss": float(np.mean([r["loss"] for r in steps_log[-10:]])) if steps_log else float("nan"),
-        "train/images_seen": images_seen,
-        "train/steps": total_steps,
-        "train/images_per_s": step_images / max(train_time, 1e-9),
-        "train/skipped_images": data.skipped,
-        "time/train_loop_s": train_time,
+        "train/loss": float(np.mean([r["loss"] for r in work.steps_log[-10:]])) if work.steps_log else float("nan"),
+        "train/images_seen": work.images_seen,
+        "train/steps": work.total_steps,
+        "train/images_per_s": work.step_images / max(work.train_time_s, 1e-9),
+        "train/skipped_images": work.data.skipped,
+        "time/setup_s": work.setup_s,
+        "time/train_loop_s": work.train_time_s,
         "time/importance_s": importance_time,
         # Rows through forward+backward, all workers: training steps (replay rows included; a
         # step redone after a worker restart counts once) and the MAS/EWC importance pass.
-        "compute/train_images": images_seen,
-        "compute/importance_images": imp_rows[0] * world,
+        "compute/train_images": work.images_seen,
+        "compute/importance_images": imp_rows * world,
     }
-    mlflow_logger.close()
-    _report_checkpoint(engine, module, strategy, rank, total_steps, images_seen, data.skipped, steps_log,
-                       final=True, extra={"segment": segment, "metrics": metrics, "init_source": source,
-                                          "init_digest": init_digest,
-                                          "final_digest": ck.state_digest(module.state_dict())},
-                       metrics=metrics)
+    name = _report_checkpoint(work, work.total_steps, final=True,
+                              extra={"segment": work.segment, "metrics": metrics, "init_source": work.init_source,
+                                     "init_digest": work.init_digest,
+                                     "final_digest": ck.state_digest(work.module.state_dict())},
+                              metrics=metrics)
+    if work.rank == 0:
+        work.fit.channel.put({"kind": "end", "segment": work.segment, "checkpoint": name, "metrics": metrics})
 
 
-def _report_checkpoint(engine: Any, module: nn.Module, strategy: Any, rank: int, step: int, images_seen: int,
-                       skipped: int, steps_log: list[dict[str, Any]], *, final: bool, extra: dict[str, Any],
-                       metrics: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint on every rank and hand it to Ray Train, which merges the rank dirs.
+def _importance_pass(work: _SegmentWork) -> tuple[int, float]:
+    """(rows this worker consumed, seconds) of the regularizers' importance estimation; (0, 0.0)
+    when the strategy has no worker plugins."""
+    strategy = work.fit.strategy
+    if not strategy.worker_plugins:
+        return 0, 0.0
+    assert work.views is not None and work.data is not None
+    views, module = work.views, work.module
+    t_imp = time.perf_counter()
+    imp_batches = work.cfg.regularization.importance_batches
+    imp_rows = [0]
+
+    def imp_views() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for imgs in importance_images(work.data, imp_batches, imp_rows):
+            yield views(views.to_device(imgs))
+
+    def loss_fn(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        return module(v1, v2)["loss"]
+
+    strategy.after_segment(module, imp_views(), loss_fn, imp_batches)
+    return imp_rows[0], time.perf_counter() - t_imp
+
+
+def checkpoint_dir_name(segment: int, step: int, final: bool) -> str:
+    """Name of a reported checkpoint in Ray Train's storage (unique within a multi-segment run)."""
+    return f"{segment_name(segment)}-{'final' if final else f'step-{step:07d}'}"
+
+
+# Reported with every checkpoint; Ray keeps the best ``num_to_keep`` by it (plus the latest), so
+# segment-final checkpoints outlive the in-segment ones until the driver has published them.
+FINAL_SCORE_METRIC = "checkpoint/segment_final"
+
+
+def _report_checkpoint(work: _SegmentWork, step: int, *, final: bool, extra: dict[str, Any],
+                       metrics: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint on every rank and hand it to Ray Train, which merges the rank dirs;
+    returns its directory name in the Ray run's storage.
 
     In-segment checkpoints carry the DeepSpeed engine (optimizer shards live on every rank);
     the final one only needs rank 0's model + strategy state.
     """
     import ray.train
 
+    assert work.data is not None
     with tempfile.TemporaryDirectory() as d:
         if not final:
-            engine.save_checkpoint(os.path.join(d, ck.ENGINE_DIR), tag=f"step{step}")
-        if rank == 0:
-            ck.save_tensors(module.state_dict(), Path(d) / ck.MODEL_FILE)
-            state = strategy.worker_state()
+            work.engine.save_checkpoint(os.path.join(d, ck.ENGINE_DIR), tag=f"step{step}")
+        if work.rank == 0:
+            ck.save_tensors(work.module.state_dict(), Path(d) / ck.MODEL_FILE)
+            state = work.fit.strategy.worker_state()
             if state:
                 ck.save_tensors(state, Path(d) / ck.STRATEGY_FILE)
             with open(Path(d) / ck.STEPS_FILE, "w") as f:
-                for rec in steps_log:
+                for rec in work.steps_log:
                     f.write(json.dumps(rec) + "\n")
-            meta = {"step": step, "images_seen": images_seen, "skipped_images": skipped, "final": final, **extra}
+            meta = {"step": step, "images_seen": work.images_seen, "skipped_images": work.data.skipped,
+                    "final": final, **extra}
             ck.write_meta(d, meta)
         has_files = any(Path(d).iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None
-        ray.train.report(dict(metrics or {"step": step}), checkpoint=checkpoint,
-                         checkpoint_dir_name=f"{'final' if final else 'step'}-{step:07d}")
-
-
-class _StepLogger:
-    """Rank 0 streams per-step metrics to the segment's MLflow run (when tracking is on)."""
-
-    def __init__(self, spec: dict[str, str] | None, rank: int, every: int = 5) -> None:
-        self.client = None
-        self.pending: list[Any] = []
-        self.every = every
-        if spec and rank == 0:
-            try:
-                from mlflow.tracking import MlflowClient
-
-                self.client = MlflowClient(tracking_uri=spec["tracking_uri"])
-                self.run_id = spec["run_id"]
-            except Exception as e:  # tracking must never stop training
-                print(f"warning: per-step MLflow logging disabled: {e}", flush=True)
-
-    def log(self, rec: dict[str, Any]) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        for k in ("loss", "penalty", "lr", "step_time_s"):
-            if k in rec and math.isfinite(rec[k]):
-                self.pending.append(Metric(f"train/{k}", rec[k], ts, rec["step"]))
-        if len(self.pending) >= self.every * 4:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.client is None or not self.pending:
-            return
-        try:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-        except Exception as e:
-            print(f"warning: MLflow log_batch failed: {e}", flush=True)
-        self.pending = []
-
-    def close(self) -> None:
-        self.flush()
+        report = {**(metrics or {"step": step}), FINAL_SCORE_METRIC: 1.0 if final else 0.0, "segment": work.segment}
+        ray.train.report(report, checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_dir_name(work.segment, step, final))
+    return checkpoint_dir_name(work.segment, step, final)

@@ -115,7 +115,15 @@ def tune_result(segment: int, metrics: dict[str, Any], metric: str | None = None
         if not valid:
             out[metric] = -WORST_METRIC if mode == "max" else WORST_METRIC
         out["metric_invalid"] = 0 if valid else 1
-    return out
+    # Tune's trial table shows the first few numbers of a result: make them the telling ones.
+    first = [k for k in ("segment", metric, "train/loss") if k is not None and k in out]
+    return {**{k: out[k] for k in first}, **out}
+
+
+def progress_metrics(metric: str | None) -> list[str]:
+    """The numbers of a trial's last result that the console shows when the trial ends."""
+    keys = ["segment", metric, "train/loss", "eval/knn_acc", "eval/linear_acc", "time/segment_wall_s"]
+    return list(dict.fromkeys(k for k in keys if k))
 
 
 class _TuneReporter(StreamCallback):
@@ -290,9 +298,11 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     The summary is also written to ``<sweep_dir>/sweep_summary.json`` and, with tracking, onto
     the MLflow sweep run.
     """
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from streamssl import console
+    from streamssl.tune.reporter import tune_console
 
     param_space = build_param_space(cfg)
     if sweep_dir is None:
@@ -309,15 +319,16 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     tracking_uri = cfg.tracking.tracking_uri
     sweep_run_id = None
     if cfg.tracking.enabled:
-        from streamssl.tracking.mlflow_tracker import resolve_tracking_uri, start_sweep_run
+        from streamssl.tracking.mlflow_store import resolve_tracking_uri
+        from streamssl.tracking.sweep_runs import start_sweep_run
 
         # Absolute: every trial runs in its own working directory (a relative SQLite path would
         # give each trial its own database).
         tracking_uri = resolve_tracking_uri(cfg, sdir)
         sweep_run_id = start_sweep_run(cfg, str(sdir), tracking_uri)
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.scaling.ray_address, include_dashboard=False, configure_logging=False)
+    # In a CLI console session the trials' output goes to <sweep_dir>/logs (-v: to the console).
+    console.init_ray(cfg.scaling.ray_address, sdir / "logs")
     _check_fits(cfg)
 
     base = _absolute_paths(cfg.to_dict())
@@ -326,6 +337,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     # The trial function is only the stream driver; its Ray Train workers ask for their own CPUs.
     trainable = tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial_driver})
     t = cfg.tune
+    if console.quiet():  # what Tune prints of an errored trial's last result: these, not all ~60
+        trainable._progress_metrics = progress_metrics(t.metric)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.stream.segments,
                                grace_period=t.grace_period, reduction_factor=2)
                  if t.scheduler == "asha" else FIFOScheduler())
@@ -350,7 +363,8 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
             tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=search_alg,
                                         num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials),
             run_config=tune.RunConfig(name="sweep", storage_path=str(sdir / "tune"),
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      **tune_console(param_space, progress_metrics(t.metric), t.metric, t.mode)),
         )
     grid = tuner.fit()
 
@@ -378,7 +392,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     }
     (sdir / "sweep_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if sweep_run_id and tracking_uri:
-        from streamssl.tracking.mlflow_tracker import finish_sweep_run
+        from streamssl.tracking.sweep_runs import finish_sweep_run
 
         _close_stopped_streams(tracking_uri, rows, cfg.stream.segments)
         finish_sweep_run(tracking_uri, sweep_run_id, summary)
