@@ -24,7 +24,7 @@ page says:
    dashed random-init levels.
 
 Chromium is not a dependency of streamssl (Debian: ``apt-get install chromium``). Exit status 0
-when every check passed; ``checks.json`` in ``--out`` lists each check and its outcome.
+when every required check passed; ``checks.json`` in ``--out`` lists each check and its outcome.
 ``docs/mlflow-ui.md`` describes the screenshots committed from one run of this script.
 """
 
@@ -235,8 +235,8 @@ def pages_for(run_dir: Path, url: str) -> list[Page]:
     pages = [
         Page("experiment_default_view", f"#/experiments/{exp}", expect=["Overview"], required=False),
         Page("experiment", f"#/experiments/{exp}{ml}", expect=["Runs", *names], reject=["Get started with GenAI"]),
-        Page("stream_run", f"{run_page}{ml}", expect=["segment-000", "Datasets", "against the same encoder at random init",
-                                                      *names]),
+        Page("stream_run", f"{run_page}{ml}", height=1000,
+             expect=["segment-000", "Datasets", "against the same encoder at random init", *names]),
         Page("stream_metrics", f"{run_page}/model-metrics{ml}", height=1800,
              expect=["baseline", "random_init_linear_acc", "linear_acc", "knn_acc"]),
         # 1600 px: at 1400 the metric page's chart is laid out wider than what MLflow's assistant

@@ -28,6 +28,7 @@ from streamssl.evaluate import (
     knn_classify,
     linear_cka,
     linear_probe,
+    split_parts,
 )
 
 
@@ -341,8 +342,10 @@ def test_extract_features_ray(request: pytest.FixtureRequest) -> None:
     imgs, _ = class_images(8, 3, seed=11)
     ids = np.arange(len(imgs))  # distinct labels identify rows regardless of output order
     valid = ids % 5 != 0
+    part = (ids % 3 == 0).astype(np.int32)  # two image sets in one pass (the eval's train / test)
     ds = ray.data.from_items(
-        [{"image": imgs[i], "label": int(ids[i]), "valid": bool(valid[i])} for i in range(len(ids))]
+        [{"image": imgs[i], "label": int(ids[i]), "valid": bool(valid[i]), "segment": int(part[i])}
+         for i in range(len(ids))]
     ).repartition(3)
     enc = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
     # Ray workers may not be able to import this test module: ship its classes by value.
@@ -359,3 +362,9 @@ def test_extract_features_ray(request: pytest.FixtureRequest) -> None:
     assert fs.labels[order].tolist() == ids[valid].tolist()
     np.testing.assert_allclose(fs.features[order], local.features, rtol=1e-5, atol=1e-6)
     assert fs.images_per_s > 0
+    # Split back into the two sets: each holds exactly its own valid rows, features unchanged.
+    for k, sub in enumerate(split_parts(fs, 2)):
+        want = ids[valid & (part == k)]
+        assert sorted(sub.labels.tolist()) == want.tolist()
+        np.testing.assert_allclose(sub.features[np.argsort(sub.labels)],
+                                   local.features[np.isin(ids[valid], want)], rtol=1e-5, atol=1e-6)

@@ -52,12 +52,17 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     assert [type(c).__name__ for c in callbacks] == ["MlflowTracker"]
     # Record what reaches the tracker while the segments train (rank 0's step records, via the driver).
     tracker, events = callbacks[0], []
-    for hook in ("on_train_steps", "on_segment_end"):
-        def spy(*args, _hook=hook, _orig=getattr(tracker, hook)):
-            events.append((_hook, args[1] if _hook == "on_train_steps" else args[1].segment,
-                           [r["step"] for r in args[2]] if _hook == "on_train_steps" else None))
-            return _orig(*args)
-        setattr(tracker, hook, spy)
+    original_steps, original_end = tracker.on_train_steps, tracker.on_segment_end
+
+    def on_train_steps(ctx, segment, records):
+        events.append(("on_train_steps", segment, [r["step"] for r in records]))
+        return original_steps(ctx, segment, records)
+
+    def on_segment_end(ctx, result):
+        events.append(("on_segment_end", result.segment, None))
+        return original_end(ctx, result)
+
+    tracker.on_train_steps, tracker.on_segment_end = on_train_steps, on_segment_end
     results = StreamRunner(cfg, run_dir, callbacks=callbacks).run()
     assert [r.segment for r in results] == [0, 1]
     assert not (run_dir / "mlflow.db").exists()  # everything went to the server
@@ -87,7 +92,10 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     assert s1.data.tags["previous_segment_run_id"] == s0.info.run_id
     assert s0.data.tags["next_segment_run_id"] == s1.info.run_id
     meta0, meta1 = (json.loads((Path(c) / "meta.json").read_text()) for c in (ck0, ck1))
-    assert meta1["init_digest"] == meta0["final_digest"] and meta1["init_source"] == f"segment checkpoint {ck0}"
+    assert meta1["init_digest"] == meta0["final_digest"]
+    # segment 0's weights: read back from its checkpoint, or kept by the workers when both segments
+    # are trained in one Ray Train run (scaling.segments_per_fit)
+    assert meta1["init_source"] in (f"segment checkpoint {ck0}", "segment 0 (same Ray Train run)")
     assert {a.path for a in client.list_artifacts(s1.info.run_id, "checkpoint")} == {"checkpoint/meta.json"}
 
     # -- dataset + stream plan digests as inputs, on the stream run and on each segment run

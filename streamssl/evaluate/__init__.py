@@ -12,7 +12,7 @@ from .continual_metrics import (
     continual_summary,
     forward_transfer,
 )
-from .features import FeatureSet, extract_features, extract_features_local
+from .features import FeatureSet, extract_features, extract_features_local, split_parts
 from .fewshot import FewShotResult, fewshot_eval
 from .knn import KNNResult, knn_classify
 from .linear import LinearModel, LinearProbeResult, fit_logistic, linear_probe
@@ -37,6 +37,7 @@ __all__ = [
     "evaluate_features",
     "extract_features",
     "extract_features_local",
+    "split_parts",
     "fewshot_eval",
     "fit_logistic",
     "forward_transfer",

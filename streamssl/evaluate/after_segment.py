@@ -83,17 +83,30 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
     from streamssl.evaluate.runner import evaluate_encoder
     from streamssl.ssl.augment import eval_transform
 
+    from streamssl.evaluate.features import extract_features, split_parts
+
+    if not cfg.eval.enabled:
+        return {}
     train_ids, test_ids = probe_rows(cfg)
     size, ch = cfg.data.image_size, cfg.data.channels
-    train_ds = read_rows(cfg.data.dataset_dir, train_ids, image_size=size, channels=ch)
-    test_ds = read_rows(cfg.data.dataset_dir, test_ids, image_size=size, channels=ch)
+    # The kNN bank / probe train set and the test set in one read-and-encode pass (one Ray Data
+    # pipeline, one encoder actor pool), told apart by a part column (0 = train, 1 = test).
+    both = pa.concat_tables([
+        pa.table({"image_id": train_ids["image_id"], "segment": pa.array(np.zeros(train_ids.num_rows, np.int32))}),
+        pa.table({"image_id": test_ids["image_id"], "segment": pa.array(np.ones(test_ids.num_rows, np.int32))}),
+    ])
+    ds = read_rows(cfg.data.dataset_dir, both, image_size=size, channels=ch)
     fs, path = layout.resolve(cfg.data.dataset_dir)
     classes = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes", [])
     seg_classes = segment_class_ids(plan_meta, classes) if plan_meta else None
     backbone = getattr(encoder, "backbone", encoder)
-    return evaluate_encoder(backbone, train_ds, test_ds, cfg.eval,
-                            transform=eval_transform(cfg.ssl.augment, size, ch),
-                            segment_classes=seg_classes, use_gpu=cfg.scaling.use_gpu, seed=cfg.seed)
+    features = extract_features(backbone, ds, transform=eval_transform(cfg.ssl.augment, size, ch),
+                                use_gpu=cfg.scaling.use_gpu)
+    train, test = split_parts(features, 2)
+    metrics = evaluate_encoder(None, train, test, cfg.eval, transform=None, segment_classes=seg_classes,
+                               use_gpu=cfg.scaling.use_gpu, seed=cfg.seed)
+    metrics["eval/feature_images_per_s"] = features.images_per_s
+    return metrics
 
 
 def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, Any], segment: int,

@@ -39,6 +39,7 @@ class FeatureSet:
     features: np.ndarray  # float32 (N, D)
     labels: np.ndarray  # int64 (N,)
     images_per_s: float = float("nan")
+    parts: np.ndarray | None = None  # int64 (N,): which image set a row came from (split_parts)
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2:
@@ -57,7 +58,8 @@ class FeatureSet:
 
     def subset(self, idx: np.ndarray) -> "FeatureSet":
         """Rows ``idx`` (throughput is kept: it describes how the full set was computed)."""
-        return FeatureSet(self.features[idx], self.labels[idx], self.images_per_s)
+        return FeatureSet(self.features[idx], self.labels[idx], self.images_per_s,
+                          None if self.parts is None else self.parts[idx])
 
 
 def _stack_images(images: np.ndarray) -> np.ndarray:
@@ -111,16 +113,21 @@ class _EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, labels = batch["image"], np.asarray(batch["label"])
+        # A ``segment`` column (see read_rows) is passed through as ``part``: several image sets
+        # encoded in one pass are told apart by it (split_parts).
+        parts = np.asarray(batch["segment"], np.int64) if "segment" in batch else None
         if "valid" in batch:  # filter before stacking: an invalid row may hold no usable image
             keep = np.asarray(batch["valid"]).astype(bool)
             images, labels = images[keep], labels[keep]
+            parts = parts[keep] if parts is not None else None
         images, labels = _stack_images(images), _to_labels(labels)
+        out = {"label": labels} if parts is None else {"label": labels, "part": parts}
         if len(labels) == 0:
             # Blocks must agree on the feature width, or Ray cannot concatenate them later.
-            return {"features": np.zeros((0, self._dim(images)), np.float32), "label": labels}
+            return {"features": np.zeros((0, self._dim(images)), np.float32), **out}
         feats = encode_batch(self.encoder, self.transform, images, self.device)
         self.dim = feats.shape[1]
-        return {"features": feats, "label": labels}
+        return {"features": feats, **out}
 
     def _dim(self, images: np.ndarray) -> int:
         """Feature width, from an earlier batch or by encoding one blank image of this shape."""
@@ -171,6 +178,7 @@ def extract_features(
     )
     feats: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
         lab = np.asarray(batch["label"], dtype=np.int64)
         if len(lab) == 0:
@@ -180,13 +188,26 @@ def extract_features(
             f = np.stack(list(f))
         feats.append(f.astype(np.float32, copy=False))
         labels.append(lab)
+        if "part" in batch:
+            parts.append(np.asarray(batch["part"], np.int64))
     elapsed = time.perf_counter() - start
     if not feats:
         raise ValueError("no valid rows to encode in the dataset")
     out = FeatureSet(np.concatenate(feats), np.concatenate(labels), 0.0)
     out.images_per_s = len(out) / max(elapsed, 1e-9)
     log.info("extracted %d features (dim %d) at %.1f images/s", len(out), out.features.shape[1], out.images_per_s)
+    if parts:
+        out.parts = np.concatenate(parts)
     return out
+
+
+def split_parts(fs: FeatureSet, n: int) -> list[FeatureSet]:
+    """The image sets 0..n-1 of features encoded in one pass (rows carried a ``segment`` = part
+    column, see :func:`extract_features`); each keeps the pass's throughput."""
+    parts = fs.parts
+    if parts is None:
+        raise ValueError("these features carry no part column")
+    return [fs.subset(np.flatnonzero(parts == i)) for i in range(n)]
 
 
 def extract_features_local(

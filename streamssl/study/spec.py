@@ -182,4 +182,7 @@ def cell_config(cell: Cell, run_dir: str, tracking_uri: str | None) -> Config:
     data = apply_overrides(cell.config, [])
     data["run_dir"] = run_dir
     data.setdefault("tracking", {})["tracking_uri"] = tracking_uri
+    # The study has its own random-init cells (one per protocol and seed); a per-stream baseline
+    # in every other cell would evaluate the same encoder again.
+    data.setdefault("eval", {})["random_init_baseline"] = False
     return config_from_dict(data)

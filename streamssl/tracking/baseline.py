@@ -117,7 +117,10 @@ def description(experiment_id: str, run_id: str, baseline: Mapping[str, float]) 
     keys = list(held_out_accuracies(baseline))
     if not keys:
         return None
-    links = [f"[{k.removeprefix('eval/').removesuffix('_acc')}]({metric_chart_route(experiment_id, run_id, [k, metric_name(k)])})"
-             for k in keys]
-    return ("**Accuracy after each segment against the same encoder at random init** (the baseline to beat; "
-            "flat line): " + " · ".join(links) + ". The same as a figure: Artifacts, `plots/accuracy_per_segment.png`.")
+    links = []
+    for k in keys:
+        probe = k.removeprefix("eval/").removesuffix("_acc")
+        links.append(f"[{probe}]({metric_chart_route(experiment_id, run_id, [k, metric_name(k)])})")
+    return ("**Accuracy after each segment against the same encoder at random init** (the baseline to "
+            "beat; flat line): " + " · ".join(links) + ". The same as a figure: Artifacts, "
+            "`plots/accuracy_per_segment.png`.")

@@ -45,8 +45,8 @@ UI_WORKFLOW_PARAM = "workflowType=machine_learning"
 
 __all__ = ["EXPERIMENT_KIND_TAG", "MODEL_TRAINING_KIND", "default_tracking_uri", "ensure_experiment",
            "fail_if_running", "flatten_params", "git_sha", "is_finite_number", "is_number", "local_artifact_root",
-           "log_batch", "log_new_params", "meta_digest", "metric_chart_route", "now_ms", "resolve_tracking_uri", "revive", "short",
-           "str_tags", "ui_url"]
+           "log_batch", "log_new_params", "meta_digest", "metric_chart_route", "now_ms", "resolve_tracking_uri",
+           "revive", "short", "str_tags", "ui_url"]
 
 
 # --------------------------------------------------------------------------- where the store is

@@ -83,8 +83,9 @@ STRICT_ENV = "STREAMSSL_TRACKING_STRICT"
 HEADLINE_METRICS = ("train/loss", "train/images_per_s", "train/images_seen", "time/fit_s", "time/eval_s",
                     "data/segment_images", "data/replay_rows")
 _NOT_STEP_METRICS = ("segment", "step")  # JSONL fields that index a record rather than measure it
-# Digest of the stream-run description the tracker wrote: an edited one is a person's, and kept.
-AUTO_DESCRIPTION_TAG = "streamssl.description_digest"
+# mlflow_run.json key: digest of the stream-run description the tracker wrote (an edited
+# description is a person's, and kept).
+DESCRIPTION_DIGEST_KEY = "description_digest"
 # Ingest reports larger than this stay in the dataset directory instead of becoming an artifact.
 _MAX_INGEST_REPORT_BYTES = 16 * 2**20
 
@@ -418,14 +419,16 @@ class MlflowTracker(StreamCallback):
                                                    self.baseline))
 
     def _describe(self, text: str | None) -> None:
-        """Set the stream run's description (shown on its page), unless someone else wrote one."""
-        assert self.client is not None and self.parent_run_id is not None
+        """Set the stream run's description (shown on its page), unless a person wrote or edited
+        it: the digest of what the tracker wrote last is kept in ``mlflow_run.json``."""
+        assert self.client is not None and self.parent_run_id is not None and self._file is not None
         if not text:
             return
-        tags = self.client.get_run(self.parent_run_id).data.tags
-        current = tags.get(MLFLOW_RUN_NOTE)
-        if not current or _text_digest(current) == tags.get(AUTO_DESCRIPTION_TAG):
-            log_batch(self.client, self.parent_run_id, tags={MLFLOW_RUN_NOTE: text, AUTO_DESCRIPTION_TAG: _text_digest(text)})
+        current = self.client.get_run(self.parent_run_id).data.tags.get(MLFLOW_RUN_NOTE)
+        if not current or _text_digest(current) == self._file.data.get(DESCRIPTION_DIGEST_KEY):
+            log_batch(self.client, self.parent_run_id, tags={MLFLOW_RUN_NOTE: text})
+            self._file.data[DESCRIPTION_DIGEST_KEY] = _text_digest(text)
+            self._file.save()
 
     def _log_parent_metrics(self, t: int, results: Sequence[SegmentResult]) -> None:
         """Headline metrics of segment t, stream-level aggregates over segments <= t and the

@@ -65,7 +65,7 @@ def accuracy_figure(results: Sequence[SegmentResult], baseline: Mapping[str, flo
     keys = sorted({k for r in ordered for k in r.metrics if is_held_out_accuracy(k)})
     if not keys:
         return None
-    fig = _figure(6.5, 4.0)
+    fig = _figure(8.0, 4.0)
     ax = fig.add_subplot()
     xs = [r.segment for r in ordered]
     shown_baseline = False
@@ -85,7 +85,7 @@ def accuracy_figure(results: Sequence[SegmentResult], baseline: Mapping[str, flo
     ax.set_xticks(xs)
     ax.set_ylim(*_accuracy_range(drawn))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, off the lines
     ax.set_title("frozen-feature accuracy along the stream" + (" (dashed: random init)" if shown_baseline else ""))
     return fig
 

@@ -396,6 +396,7 @@ class _SegmentsFit:
 
             self.t_fit = time.perf_counter()
             thread = threading.Thread(target=fit, name="streamssl-fit", daemon=True)
+            self.thread = thread
             thread.start()
             while thread.is_alive() or self._pending():
                 msg = channel.get(timeout=0.2)
@@ -484,6 +485,10 @@ class _SegmentsFit:
 
         while self.next in self.ended:
             t = self.next
+            if t == self.segments[-1] and self.thread.is_alive():
+                # The run's last segment is recorded once the run is over, so a callback that ends
+                # this process (a Tune scheduler stopping the trial) never leaves a worker group behind.
+                return
             eval_out = None
             if t in self.evals:
                 done, _ = ray.wait([self.evals[t]], timeout=0)

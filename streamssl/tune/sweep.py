@@ -188,6 +188,12 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
     trial_id = tune.get_context().get_trial_id()
     run_dir = Path(sweep_dir) / "trials" / trial_id
     cfg = trial_config(base, params, str(run_dir), tracking_uri)
+    if cfg.tune.scheduler == "asha" and cfg.scaling.segments_per_fit is None:
+        # ASHA stops a trial inside tune.report, i.e. its process ends there. Mid-run, that would
+        # leave the run's worker group holding its placement group (Ray 2.60 removes it only
+        # through the state API, which needs the dashboard); with one Ray Train run per segment
+        # every report happens between runs. See docs/stack-notes.md.
+        cfg.scaling.segments_per_fit = 1
     resumed = bool(read_state(run_dir).completed)  # a restored sweep continues this trial's stream
     callbacks = [_SweepParent(sweep_run_id), *default_callbacks(cfg), _TuneReporter(cfg.tune.metric, cfg.tune.mode)]
     StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
