@@ -37,13 +37,11 @@ STREAM_META_FILE = "stream.json"
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path) for a local path or a pyarrow-supported URI."""
-    if "://" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/") or "/"
-    import os
+    """Return (filesystem, path) for a local path or a pyarrow-supported URI
+    (:func:`streamssl.storage.resolve`, the one place that opens locations)."""
+    from streamssl.storage import resolve as resolve_location
 
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return resolve_location(uri)
 
 
 def join(*parts: str) -> str:
