@@ -254,6 +254,8 @@ def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str
         cfg = _with_overrides(cfg, overrides)
     if data_dir:
         cfg.data.dataset_dir = data_dir
+    # Asked for explicitly: evaluate even when the run trained with after-segment evaluation off.
+    cfg.eval.enabled = True
     if not ray.is_initialized():
         ray.init(address=cfg.scaling.ray_address, include_dashboard=False, configure_logging=False)
     plan_meta = None
