@@ -567,6 +567,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for reg in (MAS(), EWC()):
             reg.after_segment(m, pairs, m.ssl_loss, 1)
             torch.save(reg.state_dict(), Path(out_dir) / f"{reg.name}-{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank that exits while its peer is still
+        # in a collective can abort the peer's process in gloo's C++ teardown.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
