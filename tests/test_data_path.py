@@ -4,6 +4,7 @@ importance pass sees. Pure functions, plus a small Ray dataset for the shuffle b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -20,6 +21,7 @@ from streamssl.run.records import SegmentResult
 from streamssl.train.driver import batch_plan, segment_training_plan
 from streamssl.train.worker import (
     BatchSource,
+    FirstBatchAhead,
     _batches,
     augment_generator,
     build_model,
@@ -239,3 +241,27 @@ def test_importance_pass_draws_only_the_segments_own_rows():
     counter = [0]
     list(islice(importance_images(src, 10, counter), 2))
     assert counter[0] == 10
+
+
+def test_first_batch_is_pulled_ahead_in_the_background_and_order_is_kept():
+    started, release = threading.Event(), threading.Event()
+
+    def slow_start() -> Iterator[int]:
+        started.set()  # runs on the helper thread, before anyone asks for an item
+        release.wait(5)
+        yield from range(4)
+
+    it = FirstBatchAhead(slow_start())
+    assert started.wait(5)
+    release.set()
+    assert list(it) == [0, 1, 2, 3]
+
+
+def test_first_batch_error_is_raised_where_the_batch_is_asked_for():
+    def broken() -> Iterator[int]:
+        raise RuntimeError("dataset shard yields no full batch")
+        yield 0  # pragma: no cover
+
+    it = FirstBatchAhead(broken())
+    with pytest.raises(RuntimeError, match="no full batch"):
+        next(it)

@@ -26,7 +26,7 @@ from streamssl.data.append import TEST_PAUSE_ENV, recover
 from streamssl.data.ingest import IngestError, IngestWarning, ingest
 from streamssl.data.plan import load_plan, rows_not_in_plan
 from streamssl.data.protocols import make_plan
-from streamssl.data.segments import read_rows_local
+from streamssl.data.segments import SegmentReadError, locate, read_rows_local
 from streamssl.data.sources import FolderSource, Record, Source
 from synthetic import make_image_folder, truncated_png, write_manifest
 
@@ -459,6 +459,13 @@ def test_append_killed_after_its_commit_point_is_completed(tmp_path: Path, point
     assert layout.read_index(str(ds)).equals(index_before)
     if point == "index_installed":
         assert pq.read_metadata(ds / layout.INDEX_FILE).num_rows == 18  # rows added at the end only
+        # Every reader of the index sees the committed rows only: plans and segment reads.
+        assert make_plan(str(ds), "instance", 2, 0, out_dir=str(tmp_path / "plan"))["num_images"] == 12
+        assert set(locate(str(ds), index_before.select(["image_id"]))["image_id"].to_pylist()) == \
+            set(index_before["image_id"].to_pylist())
+        new_ids = pq.read_table(ds / layout.INDEX_FILE, columns=["image_id"]).slice(12)
+        with pytest.raises(SegmentReadError, match="not in"):
+            locate(str(ds), new_ids)
 
     assert recover(str(ds)) == "completed"
     meta = meta_of(ds)

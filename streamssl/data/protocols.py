@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from streamssl.data import layout
 from streamssl.data.class_grouping import class_name, groups_by_embedding, groups_from_file
@@ -83,7 +82,8 @@ def make_plan(
     if not layout.exists(fs, ds_meta_path):
         raise StreamError(f"{dataset_dir} is not an ingested dataset ({layout.DATASET_FILE} missing)")
     ds_meta = layout.read_json(fs, ds_meta_path)
-    index = pq.read_table(layout.join(root, layout.INDEX_FILE), filesystem=fs, columns=_INDEX_COLUMNS)
+    # Committed rows only: an append interrupted before its commit point is not part of the dataset.
+    index = layout.read_index(dataset_dir, _INDEX_COLUMNS).select(_INDEX_COLUMNS)
     train = index.filter(pc.equal(index["split"], "train"))
     if train.num_rows == 0:
         splits = sorted(set(index["split"].to_pylist()))

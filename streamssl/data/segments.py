@@ -159,8 +159,7 @@ def read_split(
     rows_per_task: int | None = None,
 ) -> "ray.data.Dataset":
     """A whole split (e.g. the held-out test set) in storage order; optionally a seeded subsample."""
-    fs, root = layout.resolve(dataset_dir)
-    index = pq.read_table(layout.join(root, layout.INDEX_FILE), filesystem=fs, columns=["image_id", "split"])
+    index = layout.read_index(dataset_dir, ["image_id", "split"])  # committed rows only
     ids = index.filter(pc.equal(index["split"], split)).select(["image_id"])
     if ids.num_rows == 0:
         splits = sorted(set(index["split"].to_pylist()))
@@ -192,8 +191,8 @@ def locate(dataset_dir: str, rows: pa.Table) -> pa.Table:
     """``rows`` (``image_id`` [+ ``segment``]) with each image's ``shard`` and ``row``, same order."""
     if rows.num_rows == 0:
         raise SegmentReadError("no rows to read")
-    fs, root = layout.resolve(dataset_dir)
-    index = pq.read_table(layout.join(root, layout.INDEX_FILE), filesystem=fs, columns=["image_id", "shard", "row"])
+    # Committed rows only (an append interrupted before its commit point is not part of the dataset).
+    index = layout.read_index(dataset_dir, ["image_id", "shard", "row"]).select(["image_id", "shard", "row"])
     if "segment" not in rows.column_names:
         rows = rows.append_column("segment", pa.array(np.full(rows.num_rows, -1, np.int32)))
     rows = rows.select(["image_id", "segment"]).cast(

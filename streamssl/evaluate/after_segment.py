@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from streamssl.config import Config
 
@@ -38,9 +37,8 @@ from streamssl.config import Config
 def _index(dataset_dir: str) -> pa.Table:
     from streamssl.data import layout
 
-    fs, path = layout.resolve(dataset_dir)
-    return pq.read_table(layout.join(path, layout.INDEX_FILE), filesystem=fs,
-                         columns=["image_id", "label", "split"])
+    cols = ["image_id", "label", "split"]
+    return layout.read_index(dataset_dir, cols).select(cols)  # committed rows only
 
 
 def probe_rows(cfg: Config) -> tuple[pa.Table, pa.Table]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from streamssl.config import Config, config_from_dict
 from streamssl.study.spec import JOINT, RANDOM_INIT, Cell, cell_config, load_study
-from streamssl.study.table import RANDOM_INIT_FILE, CellOutcome, aggregate, markdown, read_outcome, write_csv
+from streamssl.study.table import CellOutcome, aggregate, markdown, read_outcome, write_csv
 
 def _cell_to_dict(c: Cell) -> dict[str, Any]:
     return {"id": c.id, "protocol": c.protocol, "strategy": c.strategy, "seed": c.seed, "config": c.config}
@@ -50,7 +50,6 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
     from ray import tune
 
     from streamssl.assemble import default_callbacks
-    from streamssl.run.jsonio import read_json, write_json_atomic
     from streamssl.run.results import has_results
     from streamssl.run.state import read_state
     from streamssl.train.driver import StreamRunner
@@ -60,15 +59,11 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
     run_dir = Path(study_dir) / "trials" / cell.id
     cfg = cell_config(cell, str(run_dir), tracking_uri)
     if cell.strategy == RANDOM_INIT:
-        out = run_dir / RANDOM_INIT_FILE
-        if not out.is_file():
-            from streamssl.evaluate.after_segment import evaluate_random_init
+        from streamssl.evaluate.random_init import random_init_metrics
 
-            run_dir.mkdir(parents=True, exist_ok=True)
-            t0 = time.perf_counter()
-            metrics = evaluate_random_init(cfg)
-            write_json_atomic(out, {"metrics": metrics, "eval_s": time.perf_counter() - t0, "config": cfg.to_dict()})
-        tune.report(tune_result(0, read_json(out)["metrics"]))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = random_init_metrics(cfg, run_dir)  # evaluated once; a restarted trial reads it back
+        tune.report(tune_result(0, metrics))
         return
     if has_results(run_dir):  # finished before a restart: report, never retrain
         _report_final(run_dir)

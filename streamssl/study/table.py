@@ -27,7 +27,6 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ import numpy as np
 
 from streamssl.study.spec import JOINT, RANDOM_INIT, Cell
 
-RANDOM_INIT_FILE = "random_init.json"
 PROBES = ("linear", "knn", "fewshot")
 COLUMNS = ("protocol", "strategy", "seeds",
            "linear_mean", "linear_std", "knn_mean", "knn_std", "fewshot_mean", "fewshot_std",
@@ -73,11 +71,12 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
 
     d = Path(run_dir)
     if cell.strategy == RANDOM_INIT:
-        p = d / RANDOM_INIT_FILE
-        if not p.is_file():
+        from streamssl.evaluate.random_init import read_cached_doc
+
+        doc = read_cached_doc(d)
+        if doc is None:
             return None
-        doc = json.loads(p.read_text())
-        m = doc["metrics"]
+        m = doc.get("metrics") or {}
         return CellOutcome(cell.protocol, cell.strategy, cell.seed,
                            final={k: _f(m.get(f"eval/{k}_acc")) for k in PROBES}, images_processed=0.0,
                            wall_s=_f(doc.get("eval_s")), run_dir=str(d))

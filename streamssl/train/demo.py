@@ -37,7 +37,7 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None,
              callbacks_for: Callable[[Config], Sequence[StreamCallback]] = lambda cfg: ()) -> int:
     """Run the demo; ``callbacks_for(cfg)`` adds callbacks next to the progress bar (the CLI passes
     :func:`streamssl.assemble.default_callbacks`, i.e. MLflow tracking)."""
-    from streamssl.evaluate.after_segment import evaluate_random_init
+    from streamssl.evaluate.random_init import random_init_metrics
     from streamssl.run.layout import RunLayout
     from streamssl.train.driver import StreamRunner
     from streamssl.train.progress import ProgressPrinter
@@ -53,7 +53,8 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None,
     with ProgressPrinter() as progress:
         runner = StreamRunner(cfg, run_dir, callbacks=[progress, *callbacks_for(cfg)])
         results = runner.run()
-    baseline = evaluate_random_init(cfg) if cfg.eval.enabled else None
+    # The tracker evaluated it once for the stream run (random_init.json); read back, not redone.
+    baseline = random_init_metrics(cfg, runner.run_dir) if cfg.eval.enabled else None
     wall = time.perf_counter() - t0
     rd = Path(runner.run_dir)
     run = RunLayout(rd)

@@ -174,6 +174,12 @@ def batch_plan(cfg: Config, train_rows: int, extras: Sequence[ExtraRows] = ()) -
 # --------------------------------------------------------------------------- the stream
 
 
+# How long the driver blocks on the channel before checking the run's thread and finished
+# evaluations. Each wait is an actor call (~2% of a CPU at 0.2 s, measured on 2 vCPUs); messages
+# are taken as soon as they arrive whatever the value.
+CHANNEL_POLL_S = 0.5
+
+
 class StreamRunner:
     """Runs (or resumes) one stream. Build it, then call :meth:`run`."""
 
@@ -399,7 +405,7 @@ class _SegmentsFit:
             self.thread = thread
             thread.start()
             while thread.is_alive() or self._pending():
-                msg = channel.get(timeout=0.2)
+                msg = channel.get(timeout=CHANNEL_POLL_S)
                 if msg is not None:
                     self._on_message(msg)
                 elif not thread.is_alive():

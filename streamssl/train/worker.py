@@ -14,7 +14,10 @@ group and imports are paid once, not per segment. Each segment runs in phases th
    seeded local shuffle buffer (``data.shuffle_buffer``), + the rows of each extra dataset
    (replay) mixed into every batch (sizes from the driver's ``batch_plan``), make two augmented
    views on the worker with this rank's own generator, loss = SSL loss + strategy penalty, step;
-   report in-segment checkpoints every ``scaling.checkpoint_every_steps`` steps;
+   report in-segment checkpoints every ``scaling.checkpoint_every_steps`` steps. A segment's
+   data pipelines are opened ahead (:class:`FirstBatchAhead`): the run's first segment's while
+   its engine is built, the next segment's during the last ``NEXT_DATA_LEAD_S`` seconds of
+   steps, so the seconds a Ray Data pipeline needs to deliver its first batch overlap work;
 3. ``_finish``: let regularizers compute importance on this segment's own rows (no replay), then
    report the segment's final checkpoint through ``ray.train.report``.
 
@@ -32,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -148,6 +152,43 @@ def _batches(shard: Any, batch_size: int, skip: int = 0, *, shuffle_buffer: int 
         epoch += 1
 
 
+class FirstBatchAhead:
+    """An iterator whose first item is pulled in a background thread from construction on.
+
+    Starting a Ray Data pipeline (the split coordinator, the first read tasks, filling the
+    shuffle buffer) takes seconds before the first batch arrives. Opened ahead, that start
+    overlaps other work: the engine set-up of a run's first segment, the last steps of the
+    previous segment. Errors of the first pull are raised where the item is asked for.
+    """
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+        self._first: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._pull, daemon=True,
+                                                                  name="streamssl-first-batch")
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first = next(self._it)
+        except BaseException as e:  # noqa: BLE001 (re-raised on the consumer's thread)
+            self._error = e
+
+    def __iter__(self) -> "FirstBatchAhead":
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return next(self._it)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        first, self._first = self._first, None
+        return first
+
+
 def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Replace rows whose image failed to decode by random valid rows of the same batch.
 
@@ -227,6 +268,7 @@ class _Fit:
     strategy: Any  # the continual strategy's worker plugins (regularizers), carried across segments
     channel: Any  # streamssl.train.channel.SegmentChannel (rank 0 reports progress through it)
     last_state: dict[str, torch.Tensor] | None = None  # weights the last finished segment left
+    opened: dict[int, "_PhaseBatches"] = field(default_factory=dict)  # segment -> batches opened ahead
 
 
 @dataclass
@@ -254,7 +296,9 @@ class _SegmentWork:
     restored_skipped: int = 0  # undecodable rows counted before a restart; `data` counts on
     step_images: int = 0  # rows of this attempt's steps, all workers (for throughput)
     train_time_s: float = 0.0
+    data_wait_s: float = 0.0  # of train_time_s, waiting for batches (this rank)
     steps_log: list[dict[str, Any]] = field(default_factory=list)  # rank 0's per-step records
+    next_phase: dict[str, Any] | None = None  # the run's next segment: its data opens ahead
     views: _Views | None = None  # set by _open_data, once start_step is known
     data: BatchSource | None = None
 
@@ -307,10 +351,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """
     fit = _start_fit(loop_cfg)
     first, restored = _restore_point(fit)
+    if first < len(fit.phases):  # its pipeline starts while the model and engine are set up
+        _open_ahead(fit, fit.phases[first], restored["meta"]["step"] if restored else 0)
     for i, phase in enumerate(fit.phases):
         if i < first:
             continue
         work = _set_up(fit, phase, restored if i == first else None)
+        work.next_phase = fit.phases[i + 1] if i + 1 < len(fit.phases) else None
         if fit.rank == 0:
             fit.channel.put({"kind": "start", "segment": work.segment, "setup_s": work.setup_s})
             print(f"[segment {work.segment}] rank 0: start from {work.init_source}; steps {work.start_step}->"
@@ -461,23 +508,57 @@ def _build_engine(model: nn.Module, cfg: Config, total_steps: int, micro_batch: 
     return engine, sched
 
 
-def _open_data(work: _SegmentWork) -> None:
-    """This worker's batches and augmentations, positioned at ``start_step``.
+@dataclass
+class _PhaseBatches:
+    """One worker's batch iterators of one segment: its own rows and each extra dataset's."""
+
+    train: Iterator[dict[str, np.ndarray]]
+    extras: list[Iterator[dict[str, np.ndarray]]]
+
+
+def _phase_batches(fit: _Fit, phase: dict[str, Any], start_step: int) -> _PhaseBatches:
+    """This worker's batches of ``phase``, positioned at ``start_step``, each first batch pulled
+    ahead (:class:`FirstBatchAhead`).
 
     Batches already trained on before a restart are skipped (the shuffle buffer is seeded, so
-    the next batch is the one the interrupted run would have taken); the augmentation generator
-    is seeded with ``start_step`` so a restart draws new views rather than replaying old ones.
+    the next batch is the one the interrupted run would have taken).
     """
     import ray.train
 
-    cfg, fit = work.cfg, work.fit
-    work.views = _Views(cfg, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
-    skip = work.start_step * cfg.optim.grad_accum_steps
-    train_it = _batches(ray.train.get_dataset_shard(work.dataset), work.own_per_batch, skip=skip,
-                        shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, work.segment, fit.rank))
-    extra_its = [_batches(ray.train.get_dataset_shard(ds), n, skip=skip) for ds, n in work.extras.values() if n]
-    work.data = BatchSource(train_it, extra_its, work.rng)
+    cfg, segment = fit.cfg, int(phase["segment"])
+    skip = start_step * cfg.optim.grad_accum_steps
+    train = _batches(ray.train.get_dataset_shard(str(phase["dataset"])), int(phase["own_per_batch"]), skip=skip,
+                     shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, fit.rank))
+    extras = [_batches(ray.train.get_dataset_shard(str(ds)), int(n), skip=skip)
+              for ds, n in (phase.get("extras") or {}).values() if int(n)]
+    return _PhaseBatches(FirstBatchAhead(train), [FirstBatchAhead(it) for it in extras])
+
+
+def _open_ahead(fit: _Fit, phase: dict[str, Any], start_step: int = 0) -> None:
+    """Start ``phase``'s data pipelines now; :func:`_open_data` picks them up."""
+    fit.opened.setdefault(int(phase["segment"]), _phase_batches(fit, phase, start_step))
+
+
+def _open_data(work: _SegmentWork) -> None:
+    """This worker's batches (opened ahead, or now) and augmentations, positioned at ``start_step``.
+
+    The augmentation generator is seeded with ``start_step`` so a restart draws new views rather
+    than replaying old ones.
+    """
+    fit = work.fit
+    work.views = _Views(work.cfg, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
+    batches = fit.opened.pop(work.segment, None) or _phase_batches(fit, _phase_of(fit, work.segment), work.start_step)
+    work.data = BatchSource(batches.train, batches.extras, work.rng)
     work.data.skipped = work.restored_skipped
+
+
+def _phase_of(fit: _Fit, segment: int) -> dict[str, Any]:
+    return next(p for p in fit.phases if int(p["segment"]) == segment)
+
+
+# Open the next segment's data when the current one has about this many seconds of steps left:
+# enough for its pipeline to start (seconds on a 2-CPU node), late enough not to read it early.
+NEXT_DATA_LEAD_S = 10.0
 
 
 # Rank 0 sends its step records to the driver in batches of this many (the driver logs them).
@@ -497,14 +578,18 @@ def _train_steps(work: _SegmentWork) -> None:
     t_start = time.perf_counter()
     sent = len(work.steps_log)
     for step in range(work.start_step, work.total_steps):
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), work.data_wait_s
         out, penalty = _optimizer_step(work)
         work.module.on_after_step()
         if work.rank == 0:
-            work.steps_log.append(_step_record(work, step, out, penalty, t0))
+            work.steps_log.append(_step_record(work, step, out, penalty, t0, work.data_wait_s - waited))
             if len(work.steps_log) - sent >= STEPS_PER_MESSAGE:
                 work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
                 sent = len(work.steps_log)
+        if work.next_phase is not None and int(work.next_phase["segment"]) not in work.fit.opened:
+            per_step = (time.perf_counter() - t_start) / (step + 1 - work.start_step)
+            if (work.total_steps - step - 1) * per_step <= NEXT_DATA_LEAD_S:
+                _open_ahead(work.fit, work.next_phase)
         if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < work.total_steps:
             _report_checkpoint(work, step + 1, final=False, extra={"segment": work.segment,
                                                                    "init_digest": work.init_digest})
@@ -520,7 +605,10 @@ def _optimizer_step(work: _SegmentWork) -> tuple[dict[str, torch.Tensor], Any]:
     out: dict[str, torch.Tensor] = {}
     penalty: Any = 0.0
     for _ in range(work.cfg.optim.grad_accum_steps):
-        x = work.views.to_device(work.data.mixed())
+        t_data = time.perf_counter()
+        imgs = work.data.mixed()
+        work.data_wait_s += time.perf_counter() - t_data
+        x = work.views.to_device(imgs)
         v1, v2 = work.views(x)
         out = work.engine(v1, v2)
         penalty = work.fit.strategy.penalty(work.module)
@@ -532,12 +620,13 @@ def _optimizer_step(work: _SegmentWork) -> tuple[dict[str, torch.Tensor], Any]:
 
 
 def _step_record(work: _SegmentWork, step: int, out: dict[str, torch.Tensor], penalty: Any,
-                 t0: float) -> dict[str, Any]:
-    """Rank 0's record of one step: loss, penalty, learning rate, time and the method's scalars."""
+                 t0: float, data_wait_s: float) -> dict[str, Any]:
+    """Rank 0's record of one step: loss, penalty, learning rate, time (of which waiting for
+    data) and the method's scalars."""
     rec = {"segment": work.segment, "step": step, "loss": float(out["loss"].detach().float()),
            "penalty": float(penalty.detach().float()) if torch.is_tensor(penalty) else float(penalty),
            "lr": float(work.sched.get_last_lr()[0]),
-           "step_time_s": time.perf_counter() - t0}
+           "step_time_s": time.perf_counter() - t0, "data_wait_s": data_wait_s}
     rec.update({k: float(v.detach().float()) for k, v in out.items()
                 if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
     return rec
@@ -561,6 +650,7 @@ def _finish(work: _SegmentWork) -> None:
         "train/skipped_images": work.data.skipped,
         "time/setup_s": work.setup_s,
         "time/train_loop_s": work.train_time_s,
+        "time/data_wait_s": work.data_wait_s,
         "time/importance_s": importance_time,
         # Rows through forward+backward, all workers: training steps (replay rows included; a
         # step redone after a worker restart counts once) and the MAS/EWC importance pass.
