@@ -536,7 +536,9 @@ def _phase_batches(fit: _Fit, phase: dict[str, Any], start_step: int) -> _PhaseB
 
 def _open_ahead(fit: _Fit, phase: dict[str, Any], start_step: int = 0) -> None:
     """Start ``phase``'s data pipelines now; :func:`_open_data` picks them up."""
-    fit.opened.setdefault(int(phase["segment"]), _phase_batches(fit, phase, start_step))
+    segment = int(phase["segment"])
+    if segment not in fit.opened:  # never two pipelines for one segment
+        fit.opened[segment] = _phase_batches(fit, phase, start_step)
 
 
 def _open_data(work: _SegmentWork) -> None:
@@ -586,7 +588,7 @@ def _train_steps(work: _SegmentWork) -> None:
             if len(work.steps_log) - sent >= STEPS_PER_MESSAGE:
                 work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
                 sent = len(work.steps_log)
-        if work.next_phase is not None and int(work.next_phase["segment"]) not in work.fit.opened:
+        if work.next_phase is not None:
             per_step = (time.perf_counter() - t_start) / (step + 1 - work.start_step)
             if (work.total_steps - step - 1) * per_step <= NEXT_DATA_LEAD_S:
                 _open_ahead(work.fit, work.next_phase)
