@@ -21,7 +21,7 @@ import yaml
 from streamssl import console
 from streamssl.cli import build_parser
 from streamssl.tune.sweep import tune_result
-from tests.synthetic import make_image_folder
+from tests.tiny_stream import image_folder, ingest_folder, stream_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,24 +128,10 @@ def test_a_tune_result_leads_with_what_the_trial_table_shows():
 
 
 def _tiny_run_config(tmp_path: Path, ray_address: str, segments: int) -> Path:
-    from streamssl.data.ingest import ingest
-
-    src = tmp_path / "src"
-    classes = [f"c{i}" for i in range(4)]
-    make_image_folder(src / "train", classes=classes, per_class=24, size=16, seed=3)
-    make_image_folder(src / "test", classes=classes, per_class=6, size=16, seed=4)
-    ingest("folder", str(tmp_path / "ds"), src=str(src), shard_rows=64, row_group_rows=16)
-    cfg = {
-        "name": "console",
-        "data": {"dataset_dir": str(tmp_path / "ds"), "source": "folder", "image_size": 16, "channels": 1},
-        "stream": {"protocol": "class_random", "segments": segments, "seed": 0},
-        "ssl": {"method": "simclr", "backbone": "small_cnn", "width": 8, "proj_hidden_dim": 32, "proj_dim": 16},
-        "optim": {"batch_size": 8, "steps_per_segment": 2, "lr": 0.05},
-        "replay": {"size": 16, "ratio": 0.25},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "ray_address": ray_address},
-        "eval": {"enabled": False},
-        "tracking": {"enabled": False},
-    }
+    src = image_folder(tmp_path / "src", num_classes=4, train_per_class=24, test_per_class=6, seed=3)
+    ds = ingest_folder(src, tmp_path / "ds")
+    cfg = {"name": "console", **stream_config(ds, ray_address, stream={"segments": segments},
+                                              optim={"steps_per_segment": 2}, replay={"size": 16, "ratio": 0.25})}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -10,22 +10,15 @@ from pathlib import Path
 import pytest
 
 from streamssl.config import config_from_dict
-from tests.synthetic import make_image_folder
+from tests.tiny_stream import image_folder, ingest_folder, stream_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> str:
-    from streamssl.data.ingest import ingest
-
-    root = tmp_path_factory.mktemp("dp-src")
-    classes = [f"c{i}" for i in range(4)]
-    make_image_folder(root / "train", classes=classes, per_class=40, size=16, seed=1)
-    make_image_folder(root / "test", classes=classes, per_class=5, size=16, seed=2)
-    out = tmp_path_factory.mktemp("dp-ds") / "ds"
-    ingest("folder", str(out), src=str(root), shard_rows=64, row_group_rows=16)
-    return str(out)
+    src = image_folder(tmp_path_factory.mktemp("dp-src"), num_classes=4, train_per_class=40, test_per_class=5)
+    return ingest_folder(src, tmp_path_factory.mktemp("dp-ds") / "ds")
 
 
 def _run(tmp_path: Path, dataset: str, ray_address: str, **extra: dict) -> tuple[Path, list[dict]]:
@@ -35,14 +28,9 @@ def _run(tmp_path: Path, dataset: str, ray_address: str, **extra: dict) -> tuple
     cfg = config_from_dict({
         "name": "dp",
         "run_dir": str(run_dir),
-        "data": {"dataset_dir": dataset, "source": "folder", "image_size": 16, "channels": 1},
-        "stream": {"protocol": "class_random", "segments": 2, "seed": 0},
-        "ssl": {"method": "mocov2", "backbone": "small_cnn", "width": 4, "proj_hidden_dim": 16,
-                "proj_dim": 8, "queue_size": 0},
-        "optim": {"batch_size": 8, "steps_per_segment": 3, "lr": 0.05},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "ray_address": ray_address},
-        "eval": {"enabled": False},
-        "tracking": {"enabled": False},
+        **stream_config(dataset, ray_address,
+                        ssl={"method": "mocov2", "width": 4, "proj_hidden_dim": 16, "proj_dim": 8, "queue_size": 0},
+                        optim={"steps_per_segment": 3}),
         **extra,
     })
     train(cfg, callbacks=[])

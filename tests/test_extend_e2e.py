@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.synthetic import make_image_folder
+from tests.tiny_stream import IMAGE_SIZE, ingest_folder, stream_config
 
 pytestmark = pytest.mark.ray
 
@@ -28,7 +29,7 @@ def _drop(root: Path, tag: str, seed: int) -> Path:
     """An ImageFolder drop whose file names (the image ids) carry ``tag``."""
     classes = [f"c{i}" for i in range(4)]
     for split, per_class, s in (("train", 24, seed), ("test", 6, seed + 100)):
-        make_image_folder(root / split, classes=classes, per_class=per_class, size=16, seed=s)
+        make_image_folder(root / split, classes=classes, per_class=per_class, size=IMAGE_SIZE, seed=s)
         for p in (root / split).rglob("*.png"):
             p.rename(p.with_name(f"{tag}_{p.name}"))
     return root
@@ -41,26 +42,19 @@ def test_append_then_extend_continues_the_run(tmp_path, ray_local):
     from streamssl.assemble import train as train_stream
     from streamssl.config import config_from_dict
     from streamssl.data.append import append_drop
-    from streamssl.data.ingest import ingest
     from streamssl.run import checkpoint as ck
     from streamssl.run.layout import RunLayout
     from streamssl.run.state import read_state
     from streamssl.train.extend import NothingToExtend, extend
 
     ds = str(tmp_path / "ds")
-    ingest("folder", ds, src=str(_drop(tmp_path / "drop1", "d1", 1)), shard_rows=64, row_group_rows=16)
+    ingest_folder(_drop(tmp_path / "drop1", "d1", 1), ds)
     run_dir = tmp_path / "run"
     cfg = config_from_dict({
         "name": "extend",
         "run_dir": str(run_dir),
-        "data": {"dataset_dir": ds, "source": "folder", "image_size": 16, "channels": 1},
-        "stream": {"protocol": "instance", "segments": 2, "seed": 0},
-        "ssl": {"method": "simclr", "backbone": "small_cnn", "width": 8, "proj_hidden_dim": 32, "proj_dim": 16},
-        "optim": {"batch_size": 8, "steps_per_segment": 3, "lr": 0.05},
-        "replay": {"size": 16, "ratio": 0.25},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "ray_address": ray_local},
-        "eval": {"enabled": False},
-        "tracking": {"enabled": True, "experiment": "extend-e2e"},
+        **stream_config(ds, ray_local, stream={"protocol": "instance"}, optim={"steps_per_segment": 3},
+                        replay={"size": 16, "ratio": 0.25}, tracking={"enabled": True, "experiment": "extend-e2e"}),
     })
     train_stream(cfg, str(run_dir))
     run = RunLayout(run_dir)

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.s3_server import s3_server  # noqa: F401  (fixture)
-from tests.synthetic import make_image_folder
+from tests.tiny_stream import image_folder, stream_config
 
 pytestmark = pytest.mark.ray
 
@@ -39,10 +39,7 @@ def _state(uri: str) -> dict:
 def test_stream_on_s3_killed_resumed_and_evaluated(tmp_path, s3_server, ray_local):  # noqa: F811
     s3 = s3_server
     s3.create_bucket("bucket")
-    src = tmp_path / "src"
-    classes = [f"c{i}" for i in range(4)]
-    make_image_folder(src / "train", classes=classes, per_class=30, size=16, seed=1)
-    make_image_folder(src / "test", classes=classes, per_class=8, size=16, seed=2)
+    src = image_folder(tmp_path / "src", num_classes=4, train_per_class=30, test_per_class=8)
     work = tmp_path / "cwd"  # the CLI's working directory: must stay empty
     cache = tmp_path / "cache"
     work.mkdir()
@@ -54,17 +51,7 @@ def test_stream_on_s3_killed_resumed_and_evaluated(tmp_path, s3_server, ray_loca
                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
-    cfg = {
-        "name": "s3",
-        "data": {"dataset_dir": ds, "source": "folder", "image_size": 16, "channels": 1},
-        "stream": {"protocol": "class_random", "segments": 2, "seed": 0},
-        "ssl": {"method": "simclr", "backbone": "small_cnn", "width": 8, "proj_hidden_dim": 32, "proj_dim": 16},
-        "optim": {"batch_size": 8, "steps_per_segment": 4, "lr": 0.05},
-        "replay": {"size": 16, "ratio": 0.25},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "ray_address": ray_local},
-        "eval": {"enabled": False},
-        "tracking": {"enabled": False},
-    }
+    cfg = {"name": "s3", **stream_config(ds, ray_local, replay={"size": 16, "ratio": 0.25})}
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([*cli, "train", str(cfg_path), "--run-dir", run], cwd=work, env=env,

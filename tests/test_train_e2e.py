@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.synthetic import make_image_folder
+from tests.tiny_stream import image_folder, ingest_folder, stream_config
 
 pytestmark = pytest.mark.ray
 
@@ -33,31 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory) -> str:
-    from streamssl.data.ingest import ingest
-
-    root = tmp_path_factory.mktemp("e2e-src")
-    classes = [f"c{i}" for i in range(6)]
-    make_image_folder(root / "train", classes=classes, per_class=40, size=16, seed=1)
-    make_image_folder(root / "test", classes=classes, per_class=10, size=16, seed=2)
-    out = tmp_path_factory.mktemp("e2e-ds") / "ds"
-    ingest("folder", str(out), src=str(root), shard_rows=64, row_group_rows=16)
-    return str(out)
+    src = image_folder(tmp_path_factory.mktemp("e2e-src"), num_classes=6, train_per_class=40, test_per_class=10)
+    return ingest_folder(src, tmp_path_factory.mktemp("e2e-ds") / "ds")
 
 
 def tiny_config(tmp_path: Path, dataset: str, run_dir: Path | str, ray_address: str, **extra: object) -> Path:
     cfg = {
         "name": "e2e",
         "run_dir": str(run_dir),
-        "data": {"dataset_dir": dataset, "source": "folder", "image_size": 16, "channels": 1},
-        "stream": {"protocol": "class_random", "segments": 3, "seed": 0},
-        "ssl": {"method": "mocov2", "backbone": "small_cnn", "width": 8, "proj_hidden_dim": 32,
-                "proj_dim": 16, "pred_hidden_dim": 32, "queue_size": 64},
-        "optim": {"batch_size": 8, "steps_per_segment": 4, "lr": 0.05},
-        "replay": {"size": 24, "ratio": 0.25},
-        "regularization": {"method": "mas", "lambda": 1.0, "importance_batches": 2},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "ray_address": ray_address},
-        "eval": {"enabled": False},
-        "tracking": {"enabled": False},
+        **stream_config(dataset, ray_address, stream={"segments": 3},
+                        ssl={"method": "mocov2", "pred_hidden_dim": 32, "queue_size": 64},
+                        replay={"size": 24, "ratio": 0.25},
+                        regularization={"method": "mas", "lambda": 1.0, "importance_batches": 2}),
     }
     for dotted, value in extra.items():
         node = cfg
