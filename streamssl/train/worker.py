@@ -283,7 +283,6 @@ class _SegmentWork:
     total_steps: int
     own_per_batch: int  # rows of this segment per micro-batch (sized by driver.batch_plan)
     extras: dict[str, tuple[str, int]]  # extra rows per micro-batch: name -> (Ray dataset, rows)
-    dataset: str  # the Ray dataset of this segment's own rows
     engine: Any  # the DeepSpeed engine around the SSL method
     module: Any  # the SSL method itself (engine.module)
     sched: torch.optim.lr_scheduler.LambdaLR
@@ -363,6 +362,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             print(f"[segment {work.segment}] rank 0: start from {work.init_source}; steps {work.start_step}->"
                   f"{work.total_steps}, world {fit.world}, micro-batch {work.micro_batch} "
                   f"({work.micro_batch - work.own_per_batch} extra)", flush=True)
+        _open_ahead(fit, phase, work.start_step)  # a no-op when its data was opened ahead
         _open_data(work)
         _train_steps(work)
         _finish(work)
@@ -477,7 +477,7 @@ def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -
     module = engine.module
     module.match_norm_buffers_to_weights()  # bf16: the engine cast BN weights but not their stats
     work = _SegmentWork(fit=fit, segment=segment, total_steps=int(phase["total_steps"]),
-                        own_per_batch=int(phase["own_per_batch"]), extras=extras, dataset=str(phase["dataset"]),
+                        own_per_batch=int(phase["own_per_batch"]), extras=extras,
                         engine=engine, module=module, sched=sched,
                         rng=np.random.default_rng(cfg.seed * 1_000_003 + segment * 101 + fit.rank),
                         init_source=source, init_digest=init_digest)
@@ -542,20 +542,16 @@ def _open_ahead(fit: _Fit, phase: dict[str, Any], start_step: int = 0) -> None:
 
 
 def _open_data(work: _SegmentWork) -> None:
-    """This worker's batches (opened ahead, or now) and augmentations, positioned at ``start_step``.
+    """This worker's batches (opened by :func:`_open_ahead`) and augmentations, at ``start_step``.
 
     The augmentation generator is seeded with ``start_step`` so a restart draws new views rather
     than replaying old ones.
     """
     fit = work.fit
     work.views = _Views(work.cfg, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
-    batches = fit.opened.pop(work.segment, None) or _phase_batches(fit, _phase_of(fit, work.segment), work.start_step)
+    batches = fit.opened.pop(work.segment)
     work.data = BatchSource(batches.train, batches.extras, work.rng)
     work.data.skipped = work.restored_skipped
-
-
-def _phase_of(fit: _Fit, segment: int) -> dict[str, Any]:
-    return next(p for p in fit.phases if int(p["segment"]) == segment)
 
 
 # Open the next segment's data when the current one has about this many seconds of steps left:
