@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from streamssl.train.callbacks import StreamCallback
 from tests.tiny_stream import image_folder, ingest_folder, stream_config
 
 pytestmark = pytest.mark.ray
@@ -167,3 +168,33 @@ def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path,
     assert metas[1]["init_source"].startswith("in-segment checkpoint at step"), metas[1]["init_source"]
     assert metas[1]["init_digest"] == metas[0]["final_digest"]  # still chained through the restart
     assert [r.segment for r in results] == [0, 1] and [c["segment"] for c in _state(run_dir)["completed"]] == [0, 1]
+
+
+class _BlockAfterFirstSegment(StreamCallback):
+    """An after-segment callback slower than the rest of the run: after segment 0 it returns only
+    once the stream's training thread has ended (the last segment trained and its "end" message
+    queued), as a slow MLflow server or a big driver-side evaluation would."""
+
+    def __init__(self) -> None:
+        self.ended: list[int] = []
+
+    def on_segment_end(self, ctx, result) -> None:
+        self.ended.append(result.segment)
+        if result.segment == 0:
+            deadline = time.time() + 240
+            while time.time() < deadline and any(t.name == "streamssl-fit" for t in threading.enumerate()):
+                time.sleep(0.2)
+            assert time.time() < deadline, "the training thread did not end"
+
+
+def test_run_ending_while_a_callback_blocks_records_every_segment(tmp_path, tiny_dataset, ray_local):
+    """The driver drains the channel before it decides that a segment did not finish."""
+    from streamssl.config import Config
+    from streamssl.train.driver import train
+
+    cfg = Config.model_validate({"name": "race", **stream_config(tiny_dataset, ray_local)})
+    cb = _BlockAfterFirstSegment()
+    results = train(cfg, tmp_path / "run", callbacks=[cb])
+    assert [r.segment for r in results] == [0, 1] and cb.ended == [0, 1]
+    assert [c["segment"] for c in _state(tmp_path / "run")["completed"]] == [0, 1]
+    assert _meta(tmp_path / "run", 1)["init_digest"] == _meta(tmp_path / "run", 0)["final_digest"]

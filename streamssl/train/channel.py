@@ -10,6 +10,8 @@ run returns. Rank 0 puts small dicts on a Ray queue (an actor holding no CPU):
   checkpoint was reported to Ray Train as ``NAME`` in the run's storage.
 
 After a worker failure a segment's start and end may arrive twice; the driver keeps the first.
+``put`` returns once the queue actor holds the message, so every message of a run is queued before
+its ``fit()`` returns: a driver that sees the run over and then drains the queue has read them all.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class SegmentChannel:
             return self._queue.get(timeout=timeout)
         except Empty:
             return None
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Every message queued now, in order, without waiting."""
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except Empty:
+                return out
 
     def close(self) -> None:
         self._queue.shutdown()

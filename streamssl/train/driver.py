@@ -404,17 +404,23 @@ class _SegmentsFit:
             thread = threading.Thread(target=fit, name="streamssl-fit", daemon=True)
             self.thread = thread
             thread.start()
-            while thread.is_alive() or self._pending():
-                msg = channel.get(timeout=CHANNEL_POLL_S)
-                if msg is not None:
+            while True:
+                # Whether the run is over is read *before* the channel is drained: every message
+                # of a run is queued before its fit() returns, so after this drain none is left
+                # unread, however long the callbacks below kept the loop away from the channel.
+                finished = not thread.is_alive()
+                if finished:
+                    messages = channel.drain()
+                else:
+                    msg = channel.get(timeout=CHANNEL_POLL_S)
+                    messages = [msg, *channel.drain()] if msg is not None else []
+                for msg in messages:
                     self._on_message(msg)
-                elif not thread.is_alive():
-                    self._wait_for_evaluations()
-                    msg = channel.get(timeout=1.0)  # a last message put just before the run ended
-                    if msg is not None:
-                        self._on_message(msg)
-                    elif not self._ready():
-                        break
+                self._record_ready()
+                if finished:
+                    break
+            while self._ready():  # ended segments whose evaluation is still running
+                self._wait_for_evaluations()
                 self._record_ready()
             thread.join()
             error = outcome.get("error") or getattr(outcome.get("result"), "error", None)
@@ -430,9 +436,6 @@ class _SegmentsFit:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # -- while the run trains
-    def _pending(self) -> bool:
-        return any(t >= self.next for t in self.ended)
-
     def _ready(self) -> bool:
         return self.next in self.ended and (self.evaluator is None or self.next in self.evals)
 
