@@ -40,7 +40,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
     from streamssl.data.protocols import make_plan
 
     meta = make_plan(a.dataset, a.protocol, a.segments, a.seed, grouping_file=a.grouping, window=a.window,
-                     out_dir=a.out)
+                     out_dir=a.out, val_fraction=a.val_fraction)
     print(f"stream plan: {meta.get('protocol')} with {meta.get('num_segments')} segments "
           f"(seed {meta.get('seed')}, digest {str(meta.get('digest'))[:16]})")
     if meta.get("grouping"):
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--grouping", default=None, help="class_distant: YAML/JSON file of class groups")
     s.add_argument("--window", default=None, help="time: segment length such as 7d or 12h")
+    s.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of the train split held back as the validation split (never streamed)")
     s.add_argument("--out", default=None, help="plan directory (default: DATASET/streams/<name>)")
     s.set_defaults(fn=cmd_stream)
 

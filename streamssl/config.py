@@ -35,6 +35,10 @@ class DataConfig(_Section):
     image_size: int = Field(28, ge=8, le=1024)  # decoded images are resized to this square size
     channels: Literal[1, 3] = 1
     eval_split: str = "test"  # split held out for evaluation; never streamed
+    # Share of the train split held back as the validation split ("val"): never streamed, the
+    # split every selection (recipe, sweep metric, study tuning) is scored on; the test split is
+    # for the final table only. Which images: streamssl.data.validation (by image id).
+    val_fraction: float = Field(0.1, ge=0, lt=1)
     # Ingest with synthetic domains (``streamssl ingest --derive-domains``), e.g.
     # "original,rotate90,invert,blur_noise"; for the domain protocol on data without domain labels.
     derive_domains: str | None = None
@@ -173,7 +177,8 @@ class TuneConfig(_Section):
     search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     search_alg: Literal["grid", "random", "optuna", "hyperopt"] = "grid"
     num_samples: int = Field(1, ge=1)
-    metric: str = "eval/knn_acc"
+    # Selection reads the validation split (data.val_fraction), never the test split.
+    metric: str = "eval/val_knn_acc"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["none", "asha"] = "asha"
     grace_period: int = Field(1, ge=1)

@@ -360,3 +360,49 @@ def test_class_distant_fashion_mnist_puts_footwear_together(tmp_path: Path) -> N
     assert all(1 <= len(g) <= 4 for g in groups), groups
     j = _check_common(ds, meta, 3)
     assert j.num_rows == 3000
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_split_is_by_id_and_never_streamed(ds10: str, tmp_path: Path) -> None:
+    from streamssl.data.validation import id_unit, validation_mask
+
+    train = _train_index(ds10)
+    ids = train["image_id"].to_pylist()
+    mask = validation_mask(train["image_id"], 0.25)
+    # Membership is a property of the id alone: any order, any subset, the same answer.
+    assert list(validation_mask(ids[::-1], 0.25)) == list(mask[::-1])
+    assert list(validation_mask(ids[:7], 0.25)) == list(mask[:7])
+    assert all((id_unit(i) < 0.25) == m for i, m in zip(ids, mask))
+    assert 0 < mask.sum() < len(ids) and not validation_mask(ids, 0.0).any()
+    val = set(np.asarray(ids)[mask])
+
+    for protocol, k in (("class_random", 5), ("instance", 3)):
+        meta = make_plan(ds10, protocol, k, seed=1, val_fraction=0.25)
+        assert meta["out_dir"].endswith(f"{protocol}-k{k}-s1-v250")
+        plan, saved = load_plan(meta["out_dir"])
+        streamed = set(plan["image_id"].to_pylist())
+        assert not streamed & val and streamed | val == set(ids)
+        assert saved["validation"]["count"] == len(val) and saved["validation"]["fraction"] == 0.25
+        assert saved["num_images"] == len(ids) - len(val)
+    # Without a fraction the whole train split is streamed, under the old plan name.
+    meta = make_plan(ds10, "class_random", 5, seed=1)
+    assert meta["num_images"] == len(ids) and "validation" not in meta and meta["out_dir"].endswith("-s1")
+    with pytest.raises(StreamError, match="val_fraction"):
+        make_plan(ds10, "class_random", 5, seed=1, val_fraction=1.0)
+
+
+def test_probe_sets_leave_validation_out_and_do_not_depend_on_the_seed(ds10: str) -> None:
+    from streamssl.config import Config
+    from streamssl.data.validation import validation_mask
+    from streamssl.evaluate.after_segment import probe_rows, validation_rows
+
+    cfg = Config.model_validate({"data": {"dataset_dir": ds10, "val_fraction": 0.25},
+                                 "eval": {"max_train_images": 40}})
+    train, test = probe_rows(cfg)
+    val = validation_rows(cfg)
+    assert not validation_mask(train["image_id"], 0.25).any() and validation_mask(val["image_id"], 0.25).all()
+    assert train.num_rows == 40 and val.num_rows > 0 and set(test["split"].to_pylist()) == {"test"}
+    other = Config.model_validate({**cfg.to_dict(), "seed": 7})
+    assert probe_rows(other)[0]["image_id"].to_pylist() == train["image_id"].to_pylist()

@@ -35,10 +35,10 @@ def test_cells_cover_the_grid_in_a_stable_order(tmp_path):
              "seeds": [0, 1, 2], "seeds_per_protocol": {"class_random": [5]}}
     spec, cells = load_study(_write(tmp_path, study))
     ids = [c.id for c in cells]
-    # instance: 3 seeds x (3 strategies + joint + random init); class_random: 1 seed x 5
-    assert len(cells) == 3 * 5 + 5
-    assert ids[:5] == ["instance--naive--s0", "instance--replay--s0", "instance--mas--s0",
-                       "instance--joint--s0", "instance--random_init--s0"]
+    # instance: 3 seeds x (3 strategies + joint + random init + raw pixels); class_random: 1 seed x 6
+    assert len(cells) == 3 * 6 + 6
+    assert ids[:6] == ["instance--naive--s0", "instance--replay--s0", "instance--mas--s0",
+                       "instance--joint--s0", "instance--random_init--s0", "instance--raw_pixels--s0"]
     by_id = {c.id: c.config for c in cells}
     assert by_id["class_random--naive--s5"]["stream"]["segments"] == 3
     assert by_id["class_random--naive--s5"]["seed"] == 5 and by_id["class_random--naive--s5"]["stream"]["seed"] == 5
@@ -60,7 +60,8 @@ def test_seeds_per_strategy_restrict_a_strategy_but_not_the_baselines(tmp_path):
     per = {}
     for c in cells:
         per.setdefault(c.strategy, []).append(c.seed)
-    assert per == {"naive": [0, 1, 2], "replay": [0], "joint": [0, 1, 2], "random_init": [0, 1, 2]}
+    assert per == {"naive": [0, 1, 2], "replay": [0], "joint": [0, 1, 2], "random_init": [0, 1, 2],
+                   "raw_pixels": [0, 1, 2]}
     study["seeds_per_strategy"] = {"replya": [0]}
     with pytest.raises(ConfigError, match="replya"):
         load_study(_write(tmp_path, study))
@@ -101,6 +102,7 @@ def test_aggregate_means_stds_and_gaps_paired_by_seed():
         _o("p", "naive", 0, 0.80), _o("p", "naive", 1, 0.84),
         _o("p", "joint", 0, 0.83, images=300), _o("p", "joint", 1, 0.85, images=300),
         _o("p", "random_init", 0, 0.70, images=0), _o("p", "random_init", 1, 0.72, images=0),
+        _o("p", "raw_pixels", 0, 0.79, knn=0.6, images=0), _o("p", "raw_pixels", 1, 0.79, knn=0.6, images=0),
         _o("q", "naive", 0, 0.60, forgetting={"linear": 0.05}),
     ]
     rows = {(r["protocol"], r["strategy"]): r for r in aggregate(outcomes)}
@@ -110,6 +112,9 @@ def test_aggregate_means_stds_and_gaps_paired_by_seed():
     assert naive["linear_std"] == pytest.approx(math.sqrt(((0.02) ** 2 * 2) / 1))
     assert naive["gap_to_joint_linear"] == pytest.approx(((0.80 - 0.83) + (0.84 - 0.85)) / 2)
     assert naive["gain_over_random_init_linear"] == pytest.approx(0.11)
+    assert naive["gain_over_raw_pixels_linear"] == pytest.approx(0.03)
+    assert naive["gain_over_raw_pixels_knn"] == pytest.approx(-0.1)
+    assert math.isnan(rows[("p", "raw_pixels")]["gain_over_raw_pixels_knn"])
     assert math.isnan(rows[("p", "joint")]["gap_to_joint_linear"])
     assert rows[("p", "joint")]["images_processed"] == 300
     q = rows[("q", "naive")]
@@ -142,7 +147,7 @@ def test_shipped_study_configs_expand():
 
 @pytest.mark.ray
 def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
-    """configs/study_smoke.yaml on synthetic images: naive, joint and random init for one seed,
+    """configs/study_smoke.yaml on synthetic images: naive, joint, random init and raw pixels for one seed,
     the table and figures, one MLflow study run above the stream runs, and a resume that trains
     nothing again."""
     from mlflow.tracking import MlflowClient
@@ -153,11 +158,13 @@ def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
     overrides = [f"data.dataset_dir={tiny_dataset}", "data.source=folder", "data.image_size=16",
                  "stream.max_images_per_segment=null", f"scaling.ray_address={ray_local}"]
     summary = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides)
-    assert summary["errors"] == {} and summary["finished"] == summary["cells"] == 3
+    assert summary["errors"] == {} and summary["finished"] == summary["cells"] == 4
     rows = {r["strategy"]: r for r in summary["rows"]}
-    assert set(rows) == {"naive", "joint", "random_init"}
-    for name in ("naive", "joint", "random_init"):
+    assert set(rows) == {"naive", "joint", "random_init", "raw_pixels"}
+    for name in ("naive", "joint", "random_init", "raw_pixels"):
         assert 0.0 < rows[name]["linear_mean"] <= 1.0
+    assert math.isfinite(rows["naive"]["gain_over_raw_pixels_knn"])
+    assert "raw_pixels" in (out / "study.md").read_text()
     # joint retrains from scratch on segments 0..1 at segment 1: more images than one pass each
     assert rows["joint"]["images_processed"] > rows["naive"]["images_processed"] > 0
     assert rows["naive"]["cka_to_joint"] == pytest.approx(rows["naive"]["cka_to_joint"])  # finite
@@ -174,14 +181,14 @@ def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
     assert study_run.info.status == "FINISHED" and study_run.data.tags["streamssl.kind"] == "study"
     streams = client.search_runs([info["experiment_id"]],
                                  filter_string=f"tags.mlflow.parentRunId = '{study_run.info.run_id}'")
-    assert len(streams) == 2  # naive + joint (random init trains nothing)
+    assert len(streams) == 2  # naive + joint (the reference rows train nothing)
     artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id)}
     assert {"study.md", "study.csv", "plots"} <= artifacts
 
     ckpt = out / "trials" / "class_random--naive--s0" / "checkpoints" / "segment-001" / "meta.json"
     before = ckpt.stat().st_mtime_ns
     again = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides, resume=True)
-    assert again["finished"] == 3 and again["errors"] == {}
+    assert again["finished"] == 4 and again["errors"] == {}
     assert ckpt.stat().st_mtime_ns == before  # nothing was trained again
     with pytest.raises(FileExistsError, match="--resume"):
         run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides)

@@ -711,3 +711,35 @@ def test_experiment_opens_in_the_model_training_view(tmp_path: Path) -> None:
     assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
     assert ensure_experiment(client, "made-elsewhere", uri) == old
     assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+
+
+def test_reference_rows_in_report_and_demo_verdict(tmp_path: Path) -> None:
+    """Raw pixels and random init, cached in the run directories, head the report's table once
+    each; the demo's verdict compares against the stronger of the two."""
+    from streamssl.config import Config
+    from streamssl.evaluate.random_init import random_init_metrics, raw_pixels_metrics
+    from streamssl.train.demo import results_table, verdict
+
+    naive = _write_run(tmp_path, "naive", "naive", [{"knn": [0.8]}], {"eval/linear_acc": 0.85, "eval/knn_acc": 0.80}, 1.0)
+    other = _write_run(tmp_path, "other", "naive", [{"knn": [0.8]}], {"eval/linear_acc": 0.86, "eval/knn_acc": 0.81}, 1.0)
+    cfg = Config()
+    pixels = {"eval/knn_acc": 0.798, "eval/linear_acc": 0.799}
+    init = {"eval/knn_acc": 0.75, "eval/linear_acc": 0.82}
+    for run in (naive, other):
+        assert raw_pixels_metrics(cfg, run, lambda c: pixels) == pixels
+        assert random_init_metrics(cfg, run, lambda c: init) == init
+    # cached: a second call does not evaluate again
+    assert raw_pixels_metrics(cfg, naive, lambda c: pytest.fail("evaluated twice")) == pixels
+    rows = _table(compare_runs([naive, other]))
+    assert [r["run"] for r in rows] == ["raw pixels", "random init", "naive", "other"]
+    assert rows[0]["kNN acc (%)"] == "79.8" and rows[1]["linear acc (%)"] == "82.0"
+
+    refs = {"raw pixels": pixels, "random init": init}
+    res = read_results(naive).segments
+    lines = verdict(res, refs, "test")
+    assert lines[0].startswith("kNN accuracy on the test split after the last segment: 0.8000 (beats raw pixels")
+    assert lines[1].endswith("(beats random init, the stronger reference: 0.8200, +3.0 points)")
+    strong = {"raw pixels": {"eval/knn_acc": 0.83}, "random init": init}
+    assert "does NOT beat raw pixels, the stronger reference: 0.8300, -3.0 points" in verdict(res, strong, "test")[0]
+    table = results_table(res, refs)
+    assert "| raw pixels | - | 0.7980 | 0.7990 |" in table and "| random init | - | 0.7500 | 0.8200 |" in table

@@ -55,9 +55,12 @@ class StreamError(ValueError):
 
 
 def plan_dir_name(protocol: str, segments: int, seed: int, *, window: str | None = None,
-                  tag: str | None = None) -> str:
-    """Default plan directory name: ``<protocol>-k<K>-s<seed>`` plus what else selects the plan."""
+                  tag: str | None = None, val_fraction: float = 0.0) -> str:
+    """Default plan directory name: ``<protocol>-k<K>-s<seed>`` plus what else selects the plan
+    (``-v<permille>`` when a validation split is held back)."""
     name = f"{protocol}-k{segments}-s{seed}"
+    if val_fraction:
+        name += f"-v{round(val_fraction * 1000):03d}"
     if window:
         name += f"-w{window.replace(' ', '')}"
     if tag:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamssl.data import layout
+from streamssl.data.validation import split_train, validation_meta
 from streamssl.data.class_grouping import class_name, groups_by_embedding, groups_from_file
 from streamssl.data.plan import (
     PLAN_SCHEMA,
@@ -55,12 +56,15 @@ def make_plan(
     window: str | None = None,
     encoder: Callable[[np.ndarray], Any] | None = None,
     out_dir: str | None = None,
+    val_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Make the plan, write ``stream.parquet`` + ``stream.json`` into ``out_dir``, return the meta.
 
     ``out_dir`` defaults to ``<dataset>/streams/<plan_dir_name(...)>``. ``encoder`` (class_distant
     only) maps a uint8 batch (N, C, H, W) to features (N, D) and does its own preprocessing; the
-    default is a fixed-seed random-init ``small_cnn``. The returned dict is stream.json's content
+    default is a fixed-seed random-init ``small_cnn``. ``val_fraction`` holds that share of the
+    train split back as the validation split (:mod:`streamssl.data.validation`): never in a
+    segment, recorded in stream.json. The returned dict is stream.json's content
     plus ``out_dir``. Raises :class:`StreamError` for combinations that cannot work.
     """
     if protocol not in PROTOCOLS:
@@ -72,6 +76,8 @@ def make_plan(
     segments, seed = int(segments), int(seed)
     if window is not None and protocol != "time":
         raise StreamError(f"window={window!r} only applies to the 'time' protocol, not {protocol!r}")
+    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 <= val_fraction < 1:
+        raise StreamError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
     if grouping_file is not None and protocol != "class_distant":
         raise StreamError(f"grouping_file only applies to the 'class_distant' protocol, not {protocol!r}")
     if encoder is not None and (protocol != "class_distant" or grouping_file is not None):
@@ -91,6 +97,9 @@ def make_plan(
     # Canonical row order (by image_id) so every random draw below is independent of how the
     # index happens to be ordered.
     train = train.take(pc.sort_indices(train, [("image_id", "ascending")]))
+    train, val = split_train(train, float(val_fraction))
+    if train.num_rows == 0:
+        raise StreamError(f"val_fraction={val_fraction} leaves no train image to stream")
     classes: list[str] = list(ds_meta.get("classes") or [])
 
     extra: dict[str, Any] = {}
@@ -121,6 +130,9 @@ def make_plan(
     if protocol == "class_distant" and grouping_file is None:
         params["encoder"] = "custom" if encoder is not None else "default"
     extra.pop("windows", None)
+    if val_fraction:
+        params["val_fraction"] = float(val_fraction)
+        extra["validation"] = validation_meta(float(val_fraction), val.num_rows)
     meta: dict[str, Any] = {
         "plan_version": PLAN_VERSION,
         "protocol": protocol,
@@ -139,7 +151,8 @@ def make_plan(
 
     if out_dir is None:
         out_dir = layout.join(dataset_dir.rstrip("/"), layout.STREAMS_DIR,
-                              plan_dir_name(protocol, segments, seed, window=window, tag=tag))
+                              plan_dir_name(protocol, segments, seed, window=window, tag=tag,
+                                            val_fraction=float(val_fraction)))
     write_plan(out_dir, plan, meta)
     return {**meta, "out_dir": out_dir}
 

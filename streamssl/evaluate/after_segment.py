@@ -41,20 +41,44 @@ def _index(dataset_dir: str) -> pa.Table:
     return layout.read_index(dataset_dir, cols).select(cols)  # committed rows only
 
 
+# The probe's train subsample is drawn with this fixed seed, not the run's: every seed and every
+# strategy of a study is probed on the same images, so paired differences are the encoders'.
+PROBE_SEED = 12345
+
+
 def probe_rows(cfg: Config) -> tuple[pa.Table, pa.Table]:
-    """(train subsample, eval split) id tables, the same for every segment of a stream."""
+    """(train subsample, eval split) id tables, the same for every segment, seed and strategy.
+
+    The train subsample never contains validation images (``data.val_fraction``), so the
+    validation score (:func:`validation_rows`) is on images the probe did not fit.
+    """
+    from streamssl.data.validation import split_train
+
     index = _index(cfg.data.dataset_dir)
-    train = index.filter(pc.equal(index["split"], "train"))
+    train, _ = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
     test = index.filter(pc.equal(index["split"], cfg.data.eval_split))
     if test.num_rows == 0:
         raise ValueError(f"dataset {cfg.data.dataset_dir} has no '{cfg.data.eval_split}' split to evaluate on "
                          f"(data.eval_split)")
-    rng = np.random.default_rng(cfg.seed + 12345)
+    rng = np.random.default_rng(PROBE_SEED)
     if cfg.eval.max_train_images and train.num_rows > cfg.eval.max_train_images:
         train = train.take(np.sort(rng.choice(train.num_rows, cfg.eval.max_train_images, replace=False)))
     if cfg.eval.max_test_images and test.num_rows > cfg.eval.max_test_images:
         test = test.take(np.sort(rng.choice(test.num_rows, cfg.eval.max_test_images, replace=False)))
     return train, test
+
+
+def validation_rows(cfg: Config) -> pa.Table:
+    """The validation split's id table (empty when ``data.val_fraction`` is 0), capped like the
+    eval split by ``eval.max_test_images``."""
+    from streamssl.data.validation import split_train
+
+    index = _index(cfg.data.dataset_dir)
+    _, val = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
+    if cfg.eval.max_test_images and val.num_rows > cfg.eval.max_test_images:
+        rng = np.random.default_rng(PROBE_SEED + 1)
+        val = val.take(np.sort(rng.choice(val.num_rows, cfg.eval.max_test_images, replace=False)))
+    return val
 
 
 def segment_class_ids(plan_meta: dict[str, Any], dataset_meta_classes: list[str]) -> list[list[int]] | None:
@@ -86,12 +110,15 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
     if not cfg.eval.enabled:
         return {}
     train_ids, test_ids = probe_rows(cfg)
+    val_ids = validation_rows(cfg)
     size, ch = cfg.data.image_size, cfg.data.channels
-    # The kNN bank / probe train set and the test set in one read-and-encode pass (one Ray Data
-    # pipeline, one encoder actor pool), told apart by a part column (0 = train, 1 = test).
+    # The kNN bank / probe train set, the test set and the validation set in one read-and-encode
+    # pass (one Ray Data pipeline, one encoder actor pool), told apart by a part column
+    # (0 = train, 1 = test, 2 = validation).
+    parts = [train_ids, test_ids, val_ids]
     both = pa.concat_tables([
-        pa.table({"image_id": train_ids["image_id"], "segment": pa.array(np.zeros(train_ids.num_rows, np.int32))}),
-        pa.table({"image_id": test_ids["image_id"], "segment": pa.array(np.ones(test_ids.num_rows, np.int32))}),
+        pa.table({"image_id": ids["image_id"], "segment": pa.array(np.full(ids.num_rows, i, np.int32))})
+        for i, ids in enumerate(parts)
     ])
     ds = read_rows(cfg.data.dataset_dir, both, image_size=size, channels=ch)
     fs, path = layout.resolve(cfg.data.dataset_dir)
@@ -100,11 +127,25 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
     backbone = getattr(encoder, "backbone", encoder)
     features = extract_features(backbone, ds, transform=eval_transform(cfg.ssl.augment, size, ch),
                                 use_gpu=cfg.scaling.use_gpu)
-    train, test = split_parts(features, 2)
+    train, test, val = split_parts(features, 3)
     metrics = evaluate_encoder(None, train, test, cfg.eval, transform=None, segment_classes=seg_classes,
                                use_gpu=cfg.scaling.use_gpu, seed=cfg.seed)
+    if len(val):
+        metrics.update(validation_metrics(train, val, cfg))
     metrics["eval/feature_images_per_s"] = features.images_per_s
     return metrics
+
+
+def validation_metrics(train: Any, val: Any, cfg: Config) -> dict[str, float]:
+    """``eval/val_knn_acc`` and ``eval/val_linear_acc``: the probes scored on the validation split,
+    what every selection (sweep metric, recipe, study tuning) reads instead of the test split."""
+    from streamssl.evaluate.knn import knn_classify
+    from streamssl.evaluate.linear import linear_probe
+
+    e = cfg.eval
+    knn = knn_classify(train.features, train.labels, val.features, val.labels, k=e.knn_k, temperature=e.knn_temperature)
+    lin = linear_probe(train.features, train.labels, val.features, val.labels, epochs=e.linear_epochs)
+    return {"eval/val_knn_acc": knn.accuracy, "eval/val_linear_acc": lin.accuracy, "eval/n_val": float(len(val))}
 
 
 def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, Any], segment: int,
@@ -235,6 +276,33 @@ def evaluate_random_init(cfg: Config) -> dict[str, float]:
     torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 (and every joint segment) starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
     return evaluate_encoder_on_config(cfg, model, None)
+
+
+def raw_pixels_module(mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """The "no encoder" reference as a module: an image batch from the eval transform back to its
+    pixels in [0, 1] (``x / 255``), flattened, so the probes see exactly the raw pixels."""
+    import torch
+    from torch import nn
+
+    class RawPixels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * self.std + self.mean).flatten(1)
+
+    return RawPixels()
+
+
+def evaluate_raw_pixels(cfg: Config) -> dict[str, float]:
+    """The probes on flattened raw pixels in [0, 1]: the reference an encoder must beat to be worth
+    having at all (on Fashion-MNIST it is stronger than any random-init encoder)."""
+    from streamssl.ssl.augment import normalization
+
+    mean, std = normalization(cfg.ssl.augment, cfg.data.channels)
+    return evaluate_encoder_on_config(cfg, raw_pixels_module(mean, std), None)
 
 
 def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

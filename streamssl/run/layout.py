@@ -11,7 +11,8 @@ A run directory::
     ray/                 Ray Train storage (in-segment checkpoints)
     logs/                Ray's and DeepSpeed's console output (local run directories)
     results.json         per-segment results for reports
-    random_init.json     the same architecture evaluated at its random init (the baseline to beat)
+    random_init.json     the same architecture evaluated at its random init (a baseline to beat)
+    raw_pixels.json      the same probes on the raw pixels, no encoder (the other baseline to beat)
     mlflow_run.json      MLflow run ids of this run (when tracking is enabled)
     mlflow.db, mlartifacts/   local MLflow store (when tracking uses the default URI)
 
@@ -45,6 +46,7 @@ REPLAY_DIR = "replay"
 RAY_DIR = "ray"
 RESULTS_FILE = "results.json"
 RANDOM_INIT_FILE = "random_init.json"
+RAW_PIXELS_FILE = "raw_pixels.json"
 MLFLOW_RUN_FILE = "mlflow_run.json"
 MLFLOW_DB_FILE = "mlflow.db"
 MLFLOW_ARTIFACTS_DIR = "mlartifacts"
@@ -141,6 +143,10 @@ class RunLayout:
     @property
     def random_init(self) -> Location:
         return self.root / RANDOM_INIT_FILE
+
+    @property
+    def raw_pixels(self) -> Location:
+        return self.root / RAW_PIXELS_FILE
 
     @property
     def mlflow_run(self) -> Location:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from streamssl.study.spec import JOINT, RANDOM_INIT
+from streamssl.study.spec import JOINT, RANDOM_INIT, REFERENCES
 from streamssl.study.table import CellOutcome
 
 PLOT_FILES = ("accuracy_along_stream.png", "gap_to_joint.png", "cka_to_joint.png")
@@ -37,10 +37,12 @@ def plot_accuracy_along_stream(outcomes: Sequence[CellOutcome], path: str | Path
         mine = [o for o in outcomes if o.protocol == protocol]
         for strategy in dict.fromkeys(o.strategy for o in mine):
             cells = [o for o in mine if o.strategy == strategy]
-            if strategy == RANDOM_INIT:
+            if strategy in REFERENCES:
                 level = np.nanmean([o.final.get(probe, np.nan) for o in cells])
                 if math.isfinite(level):
-                    ax.axhline(100 * level, color="grey", linestyle="--", label="random init")
+                    ax.axhline(100 * level, color="grey" if strategy == RANDOM_INIT else "black",
+                               linestyle="--" if strategy == RANDOM_INIT else ":",
+                               label="random init" if strategy == RANDOM_INIT else "raw pixels")
                 continue
             curves = [o.curve.get(probe, []) for o in cells if o.curve.get(probe)]
             if not curves:
@@ -100,8 +102,8 @@ def render_study_plots(rows: Sequence[dict[str, Any]], outcomes: Sequence[CellOu
     made = [
         plot_accuracy_along_stream(outcomes, out / PLOT_FILES[0]),
         _heatmap(rows, "gap_to_joint_linear", out / PLOT_FILES[1], "linear probe: gap to joint (pp)", 100.0,
-                 "+.1f", (JOINT, RANDOM_INIT)),
+                 "+.1f", (JOINT, *REFERENCES)),
         _heatmap(rows, "cka_to_joint", out / PLOT_FILES[2], "final encoder: linear CKA to joint", 1.0, ".3f",
-                 (JOINT, RANDOM_INIT)),
+                 (JOINT, *REFERENCES)),
     ]
     return [p for p in made if p is not None]

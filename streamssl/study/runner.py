@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from streamssl.config import Config, config_from_dict
-from streamssl.study.spec import JOINT, RANDOM_INIT, Cell, cell_config, load_study
+from streamssl.study.spec import JOINT, RANDOM_INIT, REFERENCES, Cell, cell_config, load_study
 from streamssl.study.table import CellOutcome, aggregate, markdown, read_outcome, write_csv
 
 def _cell_to_dict(c: Cell) -> dict[str, Any]:
@@ -58,11 +58,12 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
     cell = _cell_from_dict(cells[params["cell"]])
     run_dir = Path(study_dir) / "trials" / cell.id
     cfg = cell_config(cell, str(run_dir), tracking_uri)
-    if cell.strategy == RANDOM_INIT:
-        from streamssl.evaluate.random_init import random_init_metrics
+    if cell.strategy in REFERENCES:
+        from streamssl.evaluate.random_init import random_init_metrics, raw_pixels_metrics
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = random_init_metrics(cfg, run_dir)  # evaluated once; a restarted trial reads it back
+        evaluate = random_init_metrics if cell.strategy == RANDOM_INIT else raw_pixels_metrics
+        metrics = evaluate(cfg, run_dir)  # evaluated once; a restarted trial reads it back
         tune.report(tune_result(0, metrics))
         return
     if has_results(run_dir):  # finished before a restart: report, never retrain
@@ -110,7 +111,7 @@ def add_cka_to_joint(cells: list[Cell], outcomes: list[CellOutcome]) -> None:
     feature_fns: dict[str, Any] = {}
     cache: dict[str, Any] = {}
     for o in outcomes:
-        if o.strategy in (JOINT, RANDOM_INIT) or o.run_dir is None:
+        if o.strategy in (JOINT, *REFERENCES) or o.run_dir is None:
             continue
         joint = by_key.get((o.protocol, JOINT, o.seed))
         if joint is None or joint.run_dir is None:

@@ -46,7 +46,9 @@ from streamssl.config import Config, ConfigError, apply_overrides, config_from_d
 #: Baseline cells every study may add besides its sequential strategies.
 JOINT = "joint"
 RANDOM_INIT = "random_init"
-BASELINES = (JOINT, RANDOM_INIT)
+RAW_PIXELS = "raw_pixels"  # the probes on the flattened pixels: no encoder, no training
+BASELINES = (JOINT, RANDOM_INIT, RAW_PIXELS)
+REFERENCES = (RANDOM_INIT, RAW_PIXELS)  # baselines evaluated, never trained
 PROTOCOLS = ("instance", "class_random", "class_distant", "domain", "time")
 
 
@@ -65,7 +67,7 @@ class StudySpec(BaseModel):
     # Restricts a strategy to some of its protocol's seeds (baselines keep all of them), e.g. to
     # run naive with 3 seeds and replay with 1 where the budget is short.
     seeds_per_strategy: dict[str, list[int]] = Field(default_factory=dict)
-    baselines: list[Literal["joint", "random_init"]] = Field(default_factory=lambda: list(BASELINES))
+    baselines: list[Literal["joint", "random_init", "raw_pixels"]] = Field(default_factory=lambda: list(BASELINES))
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial_driver: float = Field(0.5, gt=0)
 
@@ -147,7 +149,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
 
 
 def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> list[Cell]:
-    """All cells in a stable order: per protocol, per seed: strategies, then joint, then random init."""
+    """All cells in a stable order: per protocol, per seed: strategies, then joint, random init and
+    raw pixels."""
     unknown = sorted(set(spec.seeds_per_strategy) - set(spec.strategies))
     if unknown:
         raise ConfigError(f"seeds_per_strategy names {unknown}, which are not strategies of this study "
@@ -162,7 +165,7 @@ def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) ->
                 if strategy == JOINT:
                     strat_over: dict[str, Any] = {"strategy": "joint", "replay.size": 0,
                                                   "regularization.method": "none"}
-                elif strategy == RANDOM_INIT:
+                elif strategy in REFERENCES:
                     strat_over = {}
                 else:
                     strat_over = spec.strategies[strategy]

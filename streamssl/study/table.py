@@ -1,7 +1,7 @@
 """The study's table: one row per protocol x strategy, mean and std over seeds.
 
 Numbers come only from files in the cells' run directories (``results.json`` of a stream run,
-``random_init.json`` of a random-init cell), so a table can be rebuilt at any time, and a
+``random_init.json`` / ``raw_pixels.json`` of a reference cell), so a table can be rebuilt at any time, and a
 resumed study's table covers every finished cell whether it ran before or after the restart.
 
 Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
@@ -13,13 +13,15 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
   (class-incremental protocols), empty otherwise.
 * ``gap_to_joint_linear`` / ``gap_to_joint_knn``: mean over seeds of (this cell - joint of the
   same protocol and seed); negative = below joint.
-* ``gain_over_random_init_linear``: the same against the untrained encoder.
+* ``gain_over_random_init_linear``: the same against the untrained encoder;
+  ``gain_over_raw_pixels_linear`` / ``gain_over_raw_pixels_knn``: against the probes on raw
+  pixels (no encoder), the stronger reference on Fashion-MNIST.
 * ``images_processed``: images through forward + backward during training (all workers, replay
   rows and repeated epochs included; the MAS/EWC importance pass counted too), mean over seeds.
   Joint retrains from scratch on segments 0..t after every segment, so its count is what
   "retrain on everything after every drop" costs, against sequential's one pass per drop.
 * ``wall_s``: the stream driver's wall time (training, start-up and evaluation), mean over seeds;
-  for random init, the one evaluation's time.
+  for a reference row (random init, raw pixels), the one evaluation's time.
 * ``cka_to_joint``: linear CKA between the cell's final encoder and the joint final encoder of
   the same protocol and seed, on a fixed probe set (1 = same representation up to rotation/scale).
 """
@@ -35,13 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from streamssl.study.spec import JOINT, RANDOM_INIT, Cell
+from streamssl.study.spec import JOINT, RANDOM_INIT, RAW_PIXELS, REFERENCES, Cell
 
 PROBES = ("linear", "knn", "fewshot")
 COLUMNS = ("protocol", "strategy", "seeds",
            "linear_mean", "linear_std", "knn_mean", "knn_std", "fewshot_mean", "fewshot_std",
            "forgetting_linear", "forgetting_knn", "gap_to_joint_linear", "gap_to_joint_knn",
-           "gain_over_random_init_linear", "images_processed", "wall_s", "cka_to_joint")
+           "gain_over_random_init_linear", "gain_over_raw_pixels_linear", "gain_over_raw_pixels_knn",
+           "images_processed", "wall_s", "cka_to_joint")
 
 
 @dataclass
@@ -70,10 +73,10 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
     from streamssl.tracking.report import read_results
 
     d = Path(run_dir)
-    if cell.strategy == RANDOM_INIT:
-        from streamssl.evaluate.random_init import read_cached_doc
+    if cell.strategy in REFERENCES:
+        from streamssl.evaluate.random_init import read_cached_doc, read_raw_pixels_doc
 
-        doc = read_cached_doc(d)
+        doc = read_cached_doc(d) if cell.strategy == RANDOM_INIT else read_raw_pixels_doc(d)
         if doc is None:
             return None
         m = doc.get("metrics") or {}
@@ -132,8 +135,11 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
         for p in ("linear", "knn"):
             row[f"forgetting_{p}"] = _mean(o.forgetting.get(p, float("nan")) for o in cells)
             row[f"gap_to_joint_{p}"] = float("nan") if strategy == JOINT else paired_gap(cells, JOINT, p)
-        row["gain_over_random_init_linear"] = (float("nan") if strategy == RANDOM_INIT
+        row["gain_over_random_init_linear"] = (float("nan") if strategy in REFERENCES
                                                else paired_gap(cells, RANDOM_INIT, "linear"))
+        for p in ("linear", "knn"):
+            row[f"gain_over_raw_pixels_{p}"] = (float("nan") if strategy in REFERENCES
+                                                else paired_gap(cells, RAW_PIXELS, p))
         row["images_processed"] = _mean(o.images_processed for o in cells)
         row["wall_s"] = _mean(o.wall_s for o in cells)
         row["cka_to_joint"] = _mean(o.cka_to_joint for o in cells)
@@ -167,7 +173,8 @@ def _pp(x: float) -> str:
 def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
     """``study.md``: the same rows, readable; accuracies in %, gaps in percentage points."""
     header = ["protocol", "strategy", "seeds", "linear %", "kNN %", "few-shot %", "forgetting lin / kNN (pp)",
-              "gap to joint lin / kNN (pp)", "vs random init lin (pp)", "images processed", "wall s",
+              "gap to joint lin / kNN (pp)", "vs random init lin (pp)", "vs raw pixels lin / kNN (pp)",
+              "images processed", "wall s",
               "CKA to joint"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |",
              "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
@@ -180,7 +187,9 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
             r["protocol"], r["strategy"], str(r["seeds"]),
             _pct(r["linear_mean"], r["linear_std"]), _pct(r["knn_mean"], r["knn_std"]),
             _pct(r["fewshot_mean"], r["fewshot_std"]), forget, gap,
-            "—" if r["strategy"] == RANDOM_INIT else _pp(r["gain_over_random_init_linear"]),
+            "—" if r["strategy"] in REFERENCES else _pp(r["gain_over_random_init_linear"]),
+            "—" if r["strategy"] in REFERENCES else
+            f"{_pp(r['gain_over_raw_pixels_linear'])} / {_pp(r['gain_over_raw_pixels_knn'])}",
             f"{r['images_processed']:,.0f}" if math.isfinite(r["images_processed"]) else "n/a",
             f"{r['wall_s']:.0f}" if math.isfinite(r["wall_s"]) else "n/a",
             f"{cka:.3f}" if math.isfinite(cka) else "n/a",

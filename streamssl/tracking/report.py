@@ -176,6 +176,10 @@ def compare_runs(run_dirs: Sequence[str], reference: str | None = None, *,
         header.append(f"CKA vs {Location(reference).name}")
     ref_real = os.path.realpath(reference) if reference is not None else None
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
+    for label, metrics in _references(runs):
+        cells = [label, "-", "-", *(_fmt(metrics.get(key), ".1f", 100.0) for key, _ in REPORT_ACCURACIES),
+                 *("-" for _ in probes), "0", "-"]
+        lines.append("| " + " | ".join(cells + (["-"] if reference is not None else [])) + " |")
     for run, m, c in zip(runs, mats, cka):
         final = run.final_metrics
         label = run.name + (" (ref)" if ref_real and os.path.realpath(run.run_dir) == ref_real else "")
@@ -187,12 +191,28 @@ def compare_runs(run_dirs: Sequence[str], reference: str | None = None, *,
             cells.append(_fmt(c, ".3f"))
         lines.append("| " + " | ".join(cells) + " |")
     notes = ("Accuracies are the last segment's frozen-feature probes on the held-out split. "
+             "Reference rows (raw pixels: the probes on the flattened image in [0, 1]; random init: the "
+             "architecture before training) are read from the run directories that cached them, once per "
+             "distinct value. "
              "Forgetting is the average over earlier segments i of max_l A[l][i] - A[T-1][i] "
              "(percentage points; positive = worse on old segments). Images processed counts every "
              "image the workers trained on, replay rows and repeated epochs included.")
     if reference is not None:
         notes += " CKA: linear CKA of final-encoder features on a fixed probe set (1 = same representation)."
     return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def _references(runs: Sequence[RunResults]) -> list[tuple[str, dict[str, float]]]:
+    """The reference rows cached in the runs' directories, each distinct one once."""
+    from streamssl.evaluate.random_init import read_reference_metrics
+
+    seen: list[tuple[str, dict[str, float]]] = []
+    for run in runs:
+        for label, metrics in read_reference_metrics(run.run_dir).items():
+            row = {k: metrics[k] for k, _ in REPORT_ACCURACIES if k in metrics}
+            if row and (label, row) not in seen:
+                seen.append((label, row))
+    return sorted(seen, key=lambda lr: lr[0] != "raw pixels")
 
 
 def iter_run_dirs(paths: Iterable[str]) -> list[str]:

@@ -2,8 +2,8 @@
 
 Ingests Fashion-MNIST (offline, Debian package) if needed, cuts a 5-segment class-incremental
 stream, trains MoCo v2 with 2 Ray Train workers + DeepSpeed and replay, evaluates after every
-segment, and prints where everything is: run directory, MLflow UI command, a results table, and
-the kNN accuracy of the same encoder at random init as the baseline to beat.
+segment, and prints where everything is: run directory, MLflow UI command, a results table with
+the two reference rows (raw pixels, random init), and the final encoder against the stronger one.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from streamssl.config import Config, load_config
 from streamssl.train.callbacks import StreamCallback
 
 
-def results_table(results: list, baseline: dict[str, float] | None) -> str:
+def results_table(results: list, references: dict[str, dict[str, float]] | None) -> str:
+    """One row per segment, under the reference rows (raw pixels, random init) on the same probes."""
     keys = [("eval/knn_acc", "kNN"), ("eval/linear_acc", "linear"), ("eval/fewshot_acc", "few-shot"),
             ("train/loss", "SSL loss"), ("train/images_per_s", "img/s"), ("time/fit_s", "fit s")]
     lines = ["| segment | classes | " + " | ".join(k[1] for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
-    if baseline:
-        lines.append("| random init | - | " + " | ".join(f"{baseline[k]:.4f}" if k in baseline else "" for k, _ in keys) + " |")
+    for label, metrics in (references or {}).items():
+        lines.append(f"| {label} | - | " + " | ".join(f"{metrics[k]:.4f}" if k in metrics else "" for k, _ in keys)
+                     + " |")
     for r in results:
         cells = []
         for k, _ in keys:
@@ -33,11 +35,29 @@ def results_table(results: list, baseline: dict[str, float] | None) -> str:
     return "\n".join(lines)
 
 
+def verdict(results: list, references: dict[str, dict[str, float]], split: str) -> list[str]:
+    """The closing lines: the final encoder against the stronger reference, per probe."""
+    from streamssl.evaluate.random_init import stronger_reference
+
+    out = []
+    final = results[-1].metrics if results else {}
+    for key, probe in (("eval/knn_acc", "kNN"), ("eval/linear_acc", "linear")):
+        ref = stronger_reference(references, key)
+        if key not in final or ref is None:
+            continue
+        label, value = ref
+        gap = final[key] - value
+        word = "beats" if gap > 0 else "does NOT beat"
+        out.append(f"{probe} accuracy on the {split} split after the last segment: {final[key]:.4f} ({word} "
+                   f"{label}, the stronger reference: {value:.4f}, {100 * gap:+.1f} points)")
+    return out
+
+
 def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None, *,
              callbacks_for: Callable[[Config], Sequence[StreamCallback]] = lambda cfg: ()) -> int:
     """Run the demo; ``callbacks_for(cfg)`` adds callbacks next to the progress bar (the CLI passes
     :func:`streamssl.assemble.default_callbacks`, i.e. MLflow tracking)."""
-    from streamssl.evaluate.random_init import random_init_metrics
+    from streamssl.evaluate.random_init import reference_metrics
     from streamssl.run.layout import RunLayout
     from streamssl.train.driver import StreamRunner
     from streamssl.train.progress import ProgressPrinter
@@ -53,19 +73,17 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None,
     with ProgressPrinter() as progress:
         runner = StreamRunner(cfg, run_dir, callbacks=[progress, *callbacks_for(cfg)])
         results = runner.run()
-    # The tracker evaluated it once for the stream run (random_init.json); read back, not redone.
-    baseline = random_init_metrics(cfg, runner.run_dir) if cfg.eval.enabled else None
+    # The tracker evaluated random init once for the stream run (random_init.json); read back,
+    # not redone. Raw pixels are evaluated here once (raw_pixels.json).
+    references = reference_metrics(cfg, runner.run_dir) if cfg.eval.enabled else {}
     wall = time.perf_counter() - t0
     rd = Path(runner.run_dir)
     run = RunLayout(rd)
     print()
-    print(results_table(results, baseline))
+    print(results_table(results, references))
     print()
-    if baseline and results and "eval/knn_acc" in results[-1].metrics:
-        final = results[-1].metrics["eval/knn_acc"]
-        verdict = "beats" if final > baseline["eval/knn_acc"] else "does NOT beat"
-        print(f"kNN accuracy on the {cfg.data.eval_split} split after the last segment: {final:.4f} "
-              f"({verdict} the same encoder at random init: {baseline['eval/knn_acc']:.4f})")
+    for line in verdict(results, references, cfg.data.eval_split):
+        print(line)
     print(f"wall time: {wall:.0f} s")
     print(f"run directory: {rd}")
     print(f"  checkpoints:  {run.checkpoints_dir}")

@@ -82,7 +82,8 @@ def ensure_plan(cfg: Config, run_dir: str | Path) -> tuple[pa.Table, dict[str, A
     if not run.plan_meta.is_file():
         tmp = run.plan_staging_dir() if run.is_local else plan_dir
         make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
-                  grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=tmp.uri)
+                  grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=tmp.uri,
+                  val_fraction=cfg.data.val_fraction)
         if run.is_local:
             os.replace(tmp.path, plan_dir.path)
     return load_plan(plan_dir.uri)

@@ -36,6 +36,7 @@ def extend_plan_of_run(run_dir: str, segments: int = 1, overrides: Sequence[str]
     from streamssl.data import layout as data_layout
     from streamssl.data.extension import extend_plan
     from streamssl.data.plan import load_plan, rows_not_in_plan, write_plan
+    from streamssl.data.validation import split_train
 
     run = RunLayout(run_dir)
     cfg = load_run_config(run_dir, list(overrides))
@@ -45,6 +46,11 @@ def extend_plan_of_run(run_dir: str, segments: int = 1, overrides: Sequence[str]
         raise RuntimeError(f"{run_dir} has finished {done} of its {meta['num_segments']} segments: "
                            f"`streamssl resume {run_dir}` first, then extend it")
     new_rows = rows_not_in_plan(cfg.data.dataset_dir, plan, split=meta.get("split", "train"))
+    # Appended images fall on either side of the validation line by their id, like the first
+    # ones: validation images stay out of every segment.
+    val_fraction = float(meta.get("validation", {}).get("fraction", 0.0))
+    if val_fraction:
+        new_rows, _ = split_train(new_rows, val_fraction)
     if new_rows.num_rows == 0:
         raise NothingToExtend(f"nothing to extend: every {meta.get('split', 'train')} image of "
                               f"{cfg.data.dataset_dir} is already in the run's plan "

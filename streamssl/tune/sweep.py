@@ -122,7 +122,8 @@ def tune_result(segment: int, metrics: dict[str, Any], metric: str | None = None
 
 def progress_metrics(metric: str | None) -> list[str]:
     """The numbers of a trial's last result that the console shows when the trial ends."""
-    keys = ["segment", metric, "train/loss", "eval/knn_acc", "eval/linear_acc", "time/segment_wall_s"]
+    keys = ["segment", metric, "train/loss", "eval/val_knn_acc", "eval/knn_acc", "eval/linear_acc",
+            "time/segment_wall_s"]
     return list(dict.fromkeys(k for k in keys if k))
 
 
