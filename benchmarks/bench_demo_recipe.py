@@ -5,7 +5,8 @@ on 2 CPU cores, i.e. a few hundred steps in all. This script answers "does recip
 enough?" without Ray or DeepSpeed in the way (the recipe, not the system, is under test): one
 process, the demo's class-incremental stream (the same plan the demo trains on), segments in
 order, a uniform replay buffer mixed into every batch like the replay plugin, and the demo's kNN
-probe (10,000 train features as the bank, k=20, T=0.07) on a fixed test subset after every segment.
+probe (10,000 train features as the bank, k=20, T=0.07) on the first images of the validation split after every
+segment (the test split is for final tables only).
 
     .venv/bin/python benchmarks/bench_demo_recipe.py --steps-per-segment 60 \\
         --recipe base= --recipe simclr=ssl.method=simclr,ssl.temperature=0.5
@@ -58,7 +59,8 @@ def run_recipe(name: str, overrides: list[str], args, probe) -> dict:
     from streamssl.train.worker import build_optimizer
 
     cfg = load_config(DEFAULT_CONFIG, [f"data.dataset_dir={args.dataset}", *overrides])
-    meta = make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed)
+    meta = make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
+                     val_fraction=cfg.data.val_fraction)
     plan, _ = load_plan(meta["out_dir"])
     torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)
@@ -130,11 +132,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from streamssl.evaluate.after_segment import probe_rows
+    from streamssl.evaluate.after_segment import probe_rows, validation_rows
 
     cfg = load_config(DEFAULT_CONFIG, [f"data.dataset_dir={args.dataset}"])
-    train_ids, test_ids = probe_rows(cfg)
-    test_ids = test_ids.slice(0, args.test_images)
+    train_ids, _ = probe_rows(cfg)
+    test_ids = validation_rows(cfg).slice(0, args.test_images)  # selection never reads the test split
     probe = (load_images(args.dataset, train_ids.select(["image_id"]), cfg),
              load_images(args.dataset, test_ids.select(["image_id"]), cfg))
     results = []

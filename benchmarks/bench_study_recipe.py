@@ -18,7 +18,9 @@ process, without Ray or DeepSpeed (the recipe, not the system, is under test):
   and the linear probe (:func:`streamssl.evaluate.linear.linear_probe`, ``eval.linear_epochs``) on
   frozen backbone features of the same probe sets as the stream driver
   (:func:`streamssl.evaluate.after_segment.probe_rows`: 10,000 seeded train images as the probe's
-  train set, the whole test split, or its first ``--test-images``).
+  train set; scored on the validation split, ``data.val_fraction`` of the train split held back
+  from every plan, or with ``--split test`` on the whole test split, which selection must not
+  read; or on the first ``--test-images`` of either).
 
     .venv/bin/python benchmarks/bench_study_recipe.py \\
         --recipe demo= --recipe simclr05=ssl.method=simclr,ssl.temperature=0.5
@@ -98,13 +100,15 @@ _PROBE_CACHE: dict = {}
 _INIT_CACHE: dict = {}
 
 
-def probe_data(cfg, test_images: int | None):
-    from streamssl.evaluate.after_segment import probe_rows
+def probe_data(cfg, test_images: int | None, split: str = "val"):
+    from streamssl.evaluate.after_segment import probe_rows, validation_rows
 
     key = (cfg.data.dataset_dir, cfg.seed, cfg.data.eval_split, cfg.eval.max_train_images,
-           cfg.eval.max_test_images, test_images)
+           cfg.eval.max_test_images, test_images, split, cfg.data.val_fraction)
     if key not in _PROBE_CACHE:
         train_ids, test_ids = probe_rows(cfg)
+        if split == "val":  # selection reads the validation split, never the test split
+            test_ids = validation_rows(cfg)
         if test_images:
             test_ids = test_ids.slice(0, test_images)
         _PROBE_CACHE[key] = (load_images(cfg.data.dataset_dir, train_ids.select(["image_id"]), cfg),
@@ -125,9 +129,10 @@ def run_recipe(name: str, overrides: list[str], args) -> dict:
     cfg = load_config(args.config, [*extra, *overrides])
     if cfg.replay.size or cfg.regularization.method != "none" or cfg.strategy != "naive":
         print(f"[{name}] note: replay/regularization/strategy in the config are ignored (naive training)")
-    meta = make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed)
+    meta = make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
+                     val_fraction=cfg.data.val_fraction)
     plan, _ = load_plan(meta["out_dir"])
-    probe = probe_data(cfg, args.test_images)
+    probe = probe_data(cfg, args.test_images, args.split)
     torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)
     aug = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
@@ -199,6 +204,8 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=None,
                     help="score on the first N images of the eval split (default: all of it)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", choices=["val", "test"], default="val",
+                    help="score on the validation split (default; what selection may read) or the test split")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds; each recipe runs once per seed")
     ap.add_argument("--eval-each-segment", action="store_true", help="probe after every segment, not only the last")
     ap.add_argument("--recipe", action="append", default=[], help="NAME=key=value,key=value")

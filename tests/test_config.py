@@ -13,7 +13,7 @@ DEFAULT = ROOT / "configs" / "fashion_mnist_class_incremental.yaml"
 def test_default_config_loads():
     cfg = load_config(DEFAULT)
     assert cfg.stream.protocol == "class_random" and cfg.stream.segments == 5
-    assert cfg.ssl.method == "mocov2" and cfg.scaling.num_workers == 2
+    assert cfg.ssl.method == "simclr" and cfg.data.val_fraction == 0.1 and cfg.scaling.num_workers == 2
     # 2-core safety (docs/stack-notes.md, 2-core deadlock): workers must leave CPU for Ray Data.
     assert cfg.scaling.cpus_per_worker * cfg.scaling.num_workers < 2
 

@@ -185,7 +185,7 @@ def test_the_trial_table_waits_for_changes_to_settle_and_trial_events_are_one_li
 
     table = reporter.TrialTable(metric="eval/knn_acc", mode="max", param_space={"optim.lr": tune.grid_search([0.05])},
                                 progress_metrics=progress_metrics("eval/knn_acc"))
-    assert table._inferred_metric == ["segment", "eval/knn_acc", "train/loss", "eval/linear_acc"]
+    assert table._inferred_metric == ["segment", "eval/knn_acc", "train/loss", "eval/val_knn_acc"]
     printed: list[float] = []
     now = [0.0]
     monkeypatch.setattr(reporter.time, "time", lambda: now[0])

@@ -244,7 +244,12 @@ def test_evaluation_reads_the_test_split_of_every_domain(tmp_path: Path) -> None
     ingest("folder", str(out), str(src), workers=1, derive_domains=SPEC)
     cfg = load_config(None, [f"data.dataset_dir={out}"])
     train, test = probe_rows(cfg)
-    assert train.num_rows == 24 and test.num_rows == 12
+    # every train image but the validation split's (data.val_fraction, by image id)
+    from streamssl.data.validation import validation_mask
+
+    ids = [r["image_id"] for r in _rows(out) if r["split"] == "train"]
+    assert len(ids) == 24 and train.num_rows == 24 - int(validation_mask(ids, cfg.data.val_fraction).sum())
+    assert test.num_rows == 12
     dom = {r["image_id"]: r["domain"] for r in _rows(out)}
     assert {dom[i] for i in test["image_id"].to_pylist()} == set(DOMAINS)
     # Every segment of a domain stream has every class: no class-incremental per-segment split.

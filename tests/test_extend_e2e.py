@@ -73,7 +73,14 @@ def test_append_then_extend_continues_the_run(tmp_path, ray_local):
     # Segment 2 trains on drop 2 only, with replay rows from the buffer segment 1 left: drop-1 images.
     plan = pq.read_table(Path(run.plan_dir) / "stream.parquet").to_pandas()
     seg2 = plan[plan.segment == 2].image_id
-    assert len(seg2) == 4 * 24 and all("/d2_" in i for i in seg2)
+    # ... minus the drop's validation images (data.val_fraction, by image id): never streamed.
+    from streamssl.data.layout import read_index
+    from streamssl.data.validation import validation_mask
+
+    drop2 = [i for i in read_index(ds, ["image_id"])["image_id"].to_pylist() if i.startswith("train/") and "/d2_" in i]
+    held_back = {i for i, v in zip(drop2, validation_mask(drop2, cfg.data.val_fraction)) if v}
+    assert len(drop2) == 4 * 24 and 0 < len(held_back) < len(drop2)
+    assert sorted(seg2) == sorted(set(drop2) - held_back)
     buffer = pq.read_table(Path(run.checkpoint(1)) / "replay" / "replay.parquet")["image_id"].to_pylist()
     assert buffer and all("/d1_" in i for i in buffer)
     assert results[2].metrics["data/replay_rows"] > 0
