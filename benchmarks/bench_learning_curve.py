@@ -80,6 +80,27 @@ def score(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, cf
     return {"knn": knn.accuracy, "linear": lin.accuracy}
 
 
+def train_steps(model, aug, opt, sched, images: torch.Tensor, batch: int, steps: int, gen: torch.Generator,
+                order: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``steps`` SSL steps on batches of ``images`` drawn as shuffled drop_last epochs (like the
+    workers), continuing the epoch ``order`` left over from the last call; returns the rest of it
+    and the last loss."""
+    loss = float("nan")
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.randperm(len(images), generator=gen)
+        idx, order = order[:batch], order[batch:]
+        x = images[idx]
+        out = model(aug(x), aug(x))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        sched.step()
+        model.on_after_step()
+        loss = float(out["loss"].detach())
+    return order, loss
+
+
 def pixels(x: torch.Tensor) -> np.ndarray:
     return (x.reshape(len(x), -1).float() / 255.0).numpy()
 
@@ -120,21 +141,11 @@ def run_recipe(name: str, overrides: list[str], args, data) -> dict:
     seen, train_s, cpu_s, next_eval, loss = 0, 0.0, 0.0, args.eval_every, float("nan")
     while seen < args.images:
         t0, c0 = time.perf_counter(), time.process_time()
-        while seen < next_eval and seen < args.images:
-            if len(order) < batch:  # drop_last epochs, like the workers
-                order = torch.randperm(len(pool), generator=gen)
-            idx, order = order[:batch], order[batch:]
-            x = pool[idx]
-            out = model(aug(x), aug(x))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            sched.step()
-            model.on_after_step()
-            seen += batch
+        n = -(-(min(next_eval, args.images) - seen) // batch)
+        order, loss = train_steps(model, aug, opt, sched, pool, batch, n, gen, order)
+        seen += n * batch
         train_s += time.perf_counter() - t0
         cpu_s += time.process_time() - c0
-        loss = float(out["loss"].detach())
         curve.append(point(seen, train_s, loss))
         next_eval += args.eval_every
         if args.out:
@@ -174,24 +185,13 @@ def run_stream(name: str, overrides: list[str], args, data) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps: lr_factor(
             s, n, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
             decay_fraction=cfg.optim.decay_fraction))
-        order = torch.empty(0, dtype=torch.long)
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            if len(order) < batch:
-                order = torch.randperm(len(seg_x), generator=gen)
-            idx, order = order[:batch], order[batch:]
-            x = seg_x[idx]
-            out = model(aug(x), aug(x))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            sched.step()
-            model.on_after_step()
-            seen += batch
+        _, loss = train_steps(model, aug, opt, sched, seg_x, batch, steps, gen, torch.empty(0, dtype=torch.long))
+        seen += steps * batch
         train_s += time.perf_counter() - t0
         cpu_s += time.process_time() - c0
         row = {"segment": t, "images": seen, "segment_images": len(seg_x), "steps": steps, "train_s": train_s,
-               "loss": float(out["loss"].detach()),
+               "loss": loss,
                **score(encode(model.backbone, ptr_x, tf), ptr_y, encode(model.backbone, val_x, tf), val_y, cfg)}
         curve.append(row)
         print(f"[{name}] segment {t} ({len(seg_x)} images x {cfg.optim.epochs_per_segment} ep, {steps} steps) "
