@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_study_recipe import DEFAULT_CONFIG, encode, load_images  # noqa: E402
+from bench_study_recipe import DEFAULT_CONFIG, encode, load_images, train_steps  # noqa: E402
 
 from streamssl.config import load_config  # noqa: E402
 
@@ -78,27 +78,6 @@ def score(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, cf
     knn = knn_classify(ftr, ytr, fte, yte, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
     lin = linear_probe(ftr, ytr, fte, yte, epochs=cfg.eval.linear_epochs)
     return {"knn": knn.accuracy, "linear": lin.accuracy}
-
-
-def train_steps(model, aug, opt, sched, images: torch.Tensor, batch: int, steps: int, gen: torch.Generator,
-                order: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``steps`` SSL steps on batches of ``images`` drawn as shuffled drop_last epochs (like the
-    workers), continuing the epoch ``order`` left over from the last call; returns the rest of it
-    and the last loss."""
-    loss = float("nan")
-    for _ in range(steps):
-        if len(order) < batch:
-            order = torch.randperm(len(images), generator=gen)
-        idx, order = order[:batch], order[batch:]
-        x = images[idx]
-        out = model(aug(x), aug(x))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        sched.step()
-        model.on_after_step()
-        loss = float(out["loss"].detach())
-    return order, loss
 
 
 def pixels(x: torch.Tensor) -> np.ndarray:

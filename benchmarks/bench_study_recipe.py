@@ -66,6 +66,27 @@ def segment_ids(plan: pa.Table, t: int, cap: int | None) -> pa.Table:
     return (rows.slice(0, cap) if cap else rows).select(["image_id"])
 
 
+def train_steps(model, aug, opt, sched, images: torch.Tensor, batch: int, steps: int, gen: torch.Generator,
+                order: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``steps`` SSL steps on batches of ``images`` drawn as shuffled drop_last epochs (like the
+    workers), continuing the epoch ``order`` left over from the last call; returns the rest of it
+    and the last loss."""
+    loss = float("nan")
+    for _ in range(steps):
+        if len(order) < batch:
+            order = torch.randperm(len(images), generator=gen)
+        idx, order = order[:batch], order[batch:]
+        x = images[idx]
+        out = model(aug(x), aug(x))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        sched.step()
+        model.on_after_step()
+        loss = float(out["loss"].detach())
+    return order, loss
+
+
 @torch.no_grad()
 def encode(backbone, images: torch.Tensor, transform, batch: int = 1000) -> np.ndarray:
     was = backbone.training
@@ -161,23 +182,11 @@ def run_recipe(name: str, overrides: list[str], args) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=seg_steps: lr_factor(
             s, n, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
             decay_fraction=cfg.optim.decay_fraction))
-        order = torch.empty(0, dtype=torch.long)
         t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(seg_steps):
-            if len(order) < batch:  # a new epoch over the segment (drop_last, like the workers)
-                order = torch.randperm(len(seg_x), generator=gen)
-            idx, order = order[:batch], order[batch:]
-            x = seg_x[idx]
-            out = model(aug(x), aug(x))
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            sched.step()
-            model.on_after_step()
-            step += 1
+        _, loss = train_steps(model, aug, opt, sched, seg_x, batch, seg_steps, gen, torch.empty(0, dtype=torch.long))
+        step += seg_steps
         t_train += time.perf_counter() - t0
         cpu_train += time.process_time() - c0
-        loss = float(out["loss"].detach())
         row = {"segment": t, "step": step, "steps": seg_steps, "images": len(seg_x), "loss": loss,
                "train_s": t_train}
         if args.eval_each_segment or t == cfg.stream.segments - 1:
