@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -192,3 +193,24 @@ def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
     assert ckpt.stat().st_mtime_ns == before  # nothing was trained again
     with pytest.raises(FileExistsError, match="--resume"):
         run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides)
+
+
+def test_paired_gap_to_joint_has_its_interval_and_test():
+    from scipy import stats
+
+    from streamssl.study.table import paired_t
+
+    naive = [0.80, 0.84, 0.82, 0.81]
+    joint = [0.83, 0.85, 0.84, 0.84]
+    outcomes = [_o("p", "naive", s, a) for s, a in enumerate(naive)] + [_o("p", "joint", s, a) for s, a in enumerate(joint)]
+    outcomes.append(_o("p", "naive", 9, 0.5))  # a seed joint did not run: not paired
+    row = {(r["protocol"], r["strategy"]): r for r in aggregate(outcomes)}[("p", "naive")]
+    d = np.subtract(naive, joint)
+    assert row["gap_to_joint_linear"] == pytest.approx(d.mean())
+    # hand-computed: t quantile 3.182 (3 dof) x sd / sqrt(4)
+    assert row["gap_to_joint_linear_ci95"] == pytest.approx(3.1824463 * d.std(ddof=1) / 2, rel=1e-6)
+    assert row["gap_to_joint_linear_p"] == pytest.approx(stats.ttest_rel(naive, joint).pvalue)
+    assert "± " in markdown(list(aggregate(outcomes)), "t") and "(p=" in markdown(list(aggregate(outcomes)), "t")
+    one = paired_t([0.01])
+    assert one.mean == 0.01 and math.isnan(one.ci95) and math.isnan(one.p)
+    assert paired_t([0.0, 0.0]).p == 1.0 and paired_t([]).n == 0

@@ -12,7 +12,10 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
   run's accuracy matrix; defined only where segments have their own test classes
   (class-incremental protocols), empty otherwise.
 * ``gap_to_joint_linear`` / ``gap_to_joint_knn``: mean over seeds of (this cell - joint of the
-  same protocol and seed); negative = below joint.
+  same protocol and seed); negative = below joint. Only seeds both cells ran are paired.
+  ``gap_to_joint_<probe>_ci95``: half-width of its 95% confidence interval (Student t with n-1
+  degrees of freedom on the paired differences, n >= 2 seeds); ``gap_to_joint_<probe>_p``: the
+  two-sided paired t-test's p-value against no difference.
 * ``gain_over_random_init_linear``: the same against the untrained encoder;
   ``gain_over_raw_pixels_linear`` / ``gain_over_raw_pixels_knn``: against the probes on raw
   pixels (no encoder), the stronger reference on Fashion-MNIST.
@@ -43,6 +46,7 @@ PROBES = ("linear", "knn", "fewshot")
 COLUMNS = ("protocol", "strategy", "seeds",
            "linear_mean", "linear_std", "knn_mean", "knn_std", "fewshot_mean", "fewshot_std",
            "forgetting_linear", "forgetting_knn", "gap_to_joint_linear", "gap_to_joint_knn",
+           "gap_to_joint_linear_ci95", "gap_to_joint_linear_p", "gap_to_joint_knn_ci95", "gap_to_joint_knn_p",
            "gain_over_random_init_linear", "gain_over_raw_pixels_linear", "gain_over_raw_pixels_knn",
            "images_processed", "wall_s", "cka_to_joint")
 
@@ -101,6 +105,39 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
                        curve=curve, images_processed=images, wall_s=run.wall_s, run_dir=str(d))
 
 
+@dataclass(frozen=True)
+class PairedStats:
+    """Mean of paired differences, the half-width of its 95% CI and the paired t-test's p-value."""
+
+    mean: float = float("nan")
+    ci95: float = float("nan")
+    p: float = float("nan")
+    n: int = 0
+
+
+def paired_t(diffs: Iterable[float]) -> PairedStats:
+    """Student-t statistics of paired differences (this cell - baseline, one per common seed).
+
+    With one pair only the mean is defined; with zero spread the interval is 0 and p is 0 (or 1
+    for a zero mean).
+    """
+    from scipy import stats
+
+    d = np.array([x for x in diffs if x is not None and math.isfinite(x)], dtype=float)
+    n = len(d)
+    if n == 0:
+        return PairedStats()
+    mean = float(d.mean())
+    if n < 2:
+        return PairedStats(mean=mean, n=n)
+    se = float(d.std(ddof=1) / math.sqrt(n))
+    ci95 = float(stats.t.ppf(0.975, n - 1) * se)
+    if se == 0.0:
+        return PairedStats(mean=mean, ci95=0.0, p=1.0 if mean == 0.0 else 0.0, n=n)
+    p = float(2 * stats.t.sf(abs(mean / se), n - 1))
+    return PairedStats(mean=mean, ci95=ci95, p=p, n=n)
+
+
 def _mean(xs: Iterable[float]) -> float:
     v = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.mean(v)) if v else float("nan")
@@ -118,13 +155,16 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
         groups.setdefault((o.protocol, o.strategy), []).append(o)
     by_seed = {(o.protocol, o.strategy, o.seed): o for o in outcomes}
 
-    def paired_gap(cells: list[CellOutcome], baseline: str, probe: str) -> float:
+    def paired_diffs(cells: list[CellOutcome], baseline: str, probe: str) -> list[float]:
         diffs = []
         for o in cells:
             ref = by_seed.get((o.protocol, baseline, o.seed))
             if ref is not None:
                 diffs.append(o.final.get(probe, float("nan")) - ref.final.get(probe, float("nan")))
-        return _mean(diffs)
+        return diffs
+
+    def paired_gap(cells: list[CellOutcome], baseline: str, probe: str) -> float:
+        return _mean(paired_diffs(cells, baseline, probe))
 
     rows = []
     for (protocol, strategy), cells in groups.items():
@@ -134,7 +174,10 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
             row[f"{p}_std"] = _std(o.final.get(p, float("nan")) for o in cells)
         for p in ("linear", "knn"):
             row[f"forgetting_{p}"] = _mean(o.forgetting.get(p, float("nan")) for o in cells)
-            row[f"gap_to_joint_{p}"] = float("nan") if strategy == JOINT else paired_gap(cells, JOINT, p)
+            stats = paired_t(paired_diffs(cells, JOINT, p)) if strategy != JOINT else PairedStats()
+            row[f"gap_to_joint_{p}"] = stats.mean
+            row[f"gap_to_joint_{p}_ci95"] = stats.ci95
+            row[f"gap_to_joint_{p}_p"] = stats.p
         row["gain_over_random_init_linear"] = (float("nan") if strategy in REFERENCES
                                                else paired_gap(cells, RANDOM_INIT, "linear"))
         for p in ("linear", "knn"):
@@ -170,6 +213,17 @@ def _pp(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}"
 
 
+def _gap(r: dict[str, Any], probe: str) -> str:
+    """``-0.7 ± 0.5 (p=0.03)``: the paired gap with its 95% CI half-width and p-value when defined."""
+    text = _pp(r[f"gap_to_joint_{probe}"])
+    ci, p = r.get(f"gap_to_joint_{probe}_ci95", float("nan")), r.get(f"gap_to_joint_{probe}_p", float("nan"))
+    if math.isfinite(ci):
+        text += f" ± {100 * ci:.1f}"
+    if math.isfinite(p):
+        text += f" (p={p:.2g})"
+    return text
+
+
 def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
     """``study.md``: the same rows, readable; accuracies in %, gaps in percentage points."""
     header = ["protocol", "strategy", "seeds", "linear %", "kNN %", "few-shot %", "forgetting lin / kNN (pp)",
@@ -181,7 +235,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
     for r in rows:
         fl, fk = r["forgetting_linear"], r["forgetting_knn"]
         forget = "n/a" if not (math.isfinite(fl) or math.isfinite(fk)) else f"{_pp(fl)} / {_pp(fk)}"
-        gap = ("—" if r["strategy"] == JOINT else f"{_pp(r['gap_to_joint_linear'])} / {_pp(r['gap_to_joint_knn'])}")
+        gap = ("—" if r["strategy"] == JOINT else
+               f"{_gap(r, 'linear')} / {_gap(r, 'knn')}")
         cka = r["cka_to_joint"]
         lines.append("| " + " | ".join([
             r["protocol"], r["strategy"], str(r["seeds"]),
@@ -196,7 +251,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
         ]) + " |")
     lines += ["", "Accuracies: mean ± sample std over seeds of the final encoder's frozen-feature probes on "
               "the held-out test split. Gaps: paired by seed against the joint run (a fresh model trained "
-              "on all segments so far) and against the untrained encoder. Forgetting: average forgetting "
+              "on all segments so far; ± the 95% CI half-width, Student t over the common seeds, and the "
+              "paired t-test's p-value) and against the untrained encoder and raw pixels. Forgetting: average forgetting "
               "over earlier segments' test classes (class-incremental protocols only). Images processed: "
               "forward + backward passes in training, replay and importance passes included; joint "
               "retrains from scratch after every segment.", ""]
