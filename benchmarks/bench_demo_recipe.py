@@ -132,11 +132,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from streamssl.evaluate.after_segment import probe_rows, validation_rows
+    from streamssl.evaluate.after_segment import probe_sets
 
     cfg = load_config(DEFAULT_CONFIG, [f"data.dataset_dir={args.dataset}"])
-    train_ids, _ = probe_rows(cfg)
-    test_ids = validation_rows(cfg).slice(0, args.test_images)  # selection never reads the test split
+    train_ids, _, val_ids = probe_sets(cfg)
+    test_ids = val_ids.slice(0, args.test_images)  # selection never reads the test split
     probe = (load_images(args.dataset, train_ids.select(["image_id"]), cfg),
              load_images(args.dataset, test_ids.select(["image_id"]), cfg))
     results = []

@@ -122,14 +122,14 @@ _INIT_CACHE: dict = {}
 
 
 def probe_data(cfg, test_images: int | None, split: str = "val"):
-    from streamssl.evaluate.after_segment import probe_rows, validation_rows
+    from streamssl.evaluate.after_segment import probe_sets
 
     key = (cfg.data.dataset_dir, cfg.seed, cfg.data.eval_split, cfg.eval.max_train_images,
            cfg.eval.max_test_images, test_images, split, cfg.data.val_fraction)
     if key not in _PROBE_CACHE:
-        train_ids, test_ids = probe_rows(cfg)
+        train_ids, test_ids, val_ids = probe_sets(cfg)
         if split == "val":  # selection reads the validation split, never the test split
-            test_ids = validation_rows(cfg)
+            test_ids = val_ids
         if test_images:
             test_ids = test_ids.slice(0, test_images)
         _PROBE_CACHE[key] = (load_images(cfg.data.dataset_dir, train_ids.select(["image_id"]), cfg),

@@ -12,8 +12,8 @@ property of the image id alone: an image is a validation image when the SHA-1 of
   train images at 0.1).
 
 Plans made with a fraction record it (``stream.json`` ``validation``) and leave those images out
-of every segment; the probes (:mod:`streamssl.evaluate.after_segment`) score on them when asked
-for the ``val`` split.
+of every segment; the probes (:mod:`streamssl.evaluate.after_segment`) score them after every
+segment as ``eval/val_knn_acc`` / ``eval/val_linear_acc``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 VALIDATION_SALT = "streamssl-validation-v1:"
-VALIDATION_SPLIT = "val"  # the name probes and configs use for it (data.eval_split, tune metric)
+VALIDATION_SPLIT = "val"  # its name in stream.json and in the probes' metrics (eval/val_*)
 _SCALE = float(1 << 64)
 
 
@@ -56,8 +55,3 @@ def validation_meta(fraction: float, count: int) -> dict:
     return {"fraction": fraction, "rule": f"sha1({VALIDATION_SALT!r} + image_id) < fraction", "count": count,
             "split": VALIDATION_SPLIT}
 
-
-def is_validation_table(index: pa.Table, fraction: float) -> pa.Array:
-    """Mask over an index table: train-split rows that are validation images."""
-    train = pc.equal(index["split"], "train").to_numpy(zero_copy_only=False)
-    return pa.array(train & validation_mask(index["image_id"], fraction))

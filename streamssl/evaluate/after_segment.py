@@ -46,16 +46,18 @@ def _index(dataset_dir: str) -> pa.Table:
 PROBE_SEED = 12345
 
 
-def probe_rows(cfg: Config) -> tuple[pa.Table, pa.Table]:
-    """(train subsample, eval split) id tables, the same for every segment, seed and strategy.
+def probe_sets(cfg: Config) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(train subsample, eval split, validation split) id tables, from one read of the index; the
+    same for every segment, seed and strategy.
 
     The train subsample never contains validation images (``data.val_fraction``), so the
-    validation score (:func:`validation_rows`) is on images the probe did not fit.
+    validation score is on images the probe did not fit. The eval and validation splits are
+    capped by ``eval.max_test_images``.
     """
     from streamssl.data.validation import split_train
 
     index = _index(cfg.data.dataset_dir)
-    train, _ = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
+    train, val = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
     test = index.filter(pc.equal(index["split"], cfg.data.eval_split))
     if test.num_rows == 0:
         raise ValueError(f"dataset {cfg.data.dataset_dir} has no '{cfg.data.eval_split}' split to evaluate on "
@@ -65,20 +67,21 @@ def probe_rows(cfg: Config) -> tuple[pa.Table, pa.Table]:
         train = train.take(np.sort(rng.choice(train.num_rows, cfg.eval.max_train_images, replace=False)))
     if cfg.eval.max_test_images and test.num_rows > cfg.eval.max_test_images:
         test = test.take(np.sort(rng.choice(test.num_rows, cfg.eval.max_test_images, replace=False)))
+    if cfg.eval.max_test_images and val.num_rows > cfg.eval.max_test_images:
+        rng = np.random.default_rng(PROBE_SEED + 1)
+        val = val.take(np.sort(rng.choice(val.num_rows, cfg.eval.max_test_images, replace=False)))
+    return train, test, val
+
+
+def probe_rows(cfg: Config) -> tuple[pa.Table, pa.Table]:
+    """(train subsample, eval split) id tables of :func:`probe_sets`."""
+    train, test, _ = probe_sets(cfg)
     return train, test
 
 
 def validation_rows(cfg: Config) -> pa.Table:
-    """The validation split's id table (empty when ``data.val_fraction`` is 0), capped like the
-    eval split by ``eval.max_test_images``."""
-    from streamssl.data.validation import split_train
-
-    index = _index(cfg.data.dataset_dir)
-    _, val = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
-    if cfg.eval.max_test_images and val.num_rows > cfg.eval.max_test_images:
-        rng = np.random.default_rng(PROBE_SEED + 1)
-        val = val.take(np.sort(rng.choice(val.num_rows, cfg.eval.max_test_images, replace=False)))
-    return val
+    """The validation split's id table of :func:`probe_sets` (empty when ``data.val_fraction`` is 0)."""
+    return probe_sets(cfg)[2]
 
 
 def segment_class_ids(plan_meta: dict[str, Any], dataset_meta_classes: list[str]) -> list[list[int]] | None:
@@ -109,18 +112,15 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
 
     if not cfg.eval.enabled:
         return {}
-    train_ids, test_ids = probe_rows(cfg)
-    val_ids = validation_rows(cfg)
     size, ch = cfg.data.image_size, cfg.data.channels
     # The kNN bank / probe train set, the test set and the validation set in one read-and-encode
     # pass (one Ray Data pipeline, one encoder actor pool), told apart by a part column
     # (0 = train, 1 = test, 2 = validation).
-    parts = [train_ids, test_ids, val_ids]
-    both = pa.concat_tables([
+    rows = pa.concat_tables([
         pa.table({"image_id": ids["image_id"], "segment": pa.array(np.full(ids.num_rows, i, np.int32))})
-        for i, ids in enumerate(parts)
+        for i, ids in enumerate(probe_sets(cfg))
     ])
-    ds = read_rows(cfg.data.dataset_dir, both, image_size=size, channels=ch)
+    ds = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=ch)
     fs, path = layout.resolve(cfg.data.dataset_dir)
     classes = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes", [])
     seg_classes = segment_class_ids(plan_meta, classes) if plan_meta else None

@@ -62,6 +62,10 @@ def _read_doc(loc: Location) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _metrics(doc: Mapping[str, Any]) -> dict[str, float]:
+    return {str(k): float_or_nan(v) for k, v in (doc.get("metrics") or {}).items()}
+
+
 def read_cached_doc(run_dir: str | os.PathLike[str] | Location) -> dict[str, Any] | None:
     """The run directory's ``random_init.json`` (``metrics``, ``eval_s``, ``config_key``), or None."""
     return _read_doc(RunLayout(run_dir).random_init)
@@ -79,22 +83,14 @@ def read_reference_metrics(run_dir: str | os.PathLike[str] | Location) -> dict[s
     for label, loc in ((RAW_PIXELS, run.raw_pixels), (RANDOM_INIT, run.random_init)):
         doc = _read_doc(loc)
         if doc is not None:
-            out[label] = {str(k): float_or_nan(v) for k, v in (doc.get("metrics") or {}).items()}
+            out[label] = _metrics(doc)
     return out
-
-
-def read_cached(run_dir: str | os.PathLike[str] | Location, cfg: Config) -> dict[str, float] | None:
-    """The cached random-init metrics of this run directory, if made for ``cfg``'s data, model and eval."""
-    doc = read_cached_doc(run_dir)
-    if doc is None or doc.get("config_key") != config_key(cfg):
-        return None
-    return {str(k): float_or_nan(v) for k, v in (doc.get("metrics") or {}).items()}
 
 
 def _cached(loc: Location, key: str, cfg: Config, evaluate: Evaluator) -> dict[str, float]:
     doc = _read_doc(loc)
     if doc is not None and doc.get("config_key") == key:
-        return {str(k): float_or_nan(v) for k, v in (doc.get("metrics") or {}).items()}
+        return _metrics(doc)
     t0 = time.perf_counter()
     metrics = {str(k): float(v) for k, v in evaluate(cfg).items()}
     write_json_atomic(loc, {

@@ -204,7 +204,7 @@ def compare_runs(run_dirs: Sequence[str], reference: str | None = None, *,
 
 def _references(runs: Sequence[RunResults]) -> list[tuple[str, dict[str, float]]]:
     """The reference rows cached in the runs' directories, each distinct one once."""
-    from streamssl.evaluate.random_init import read_reference_metrics
+    from streamssl.evaluate.random_init import RAW_PIXELS, read_reference_metrics
 
     seen: list[tuple[str, dict[str, float]]] = []
     for run in runs:
@@ -212,7 +212,7 @@ def _references(runs: Sequence[RunResults]) -> list[tuple[str, dict[str, float]]
             row = {k: metrics[k] for k, _ in REPORT_ACCURACIES if k in metrics}
             if row and (label, row) not in seen:
                 seen.append((label, row))
-    return sorted(seen, key=lambda lr: lr[0] != "raw pixels")
+    return sorted(seen, key=lambda lr: lr[0] != RAW_PIXELS)
 
 
 def iter_run_dirs(paths: Iterable[str]) -> list[str]:
