@@ -137,7 +137,10 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     assert 0.0 < s1.data.metrics["eval/cka_prev"] <= 1.0
     assert s1.data.metrics["eval/cka_prev"] == pytest.approx(results[1].metrics["eval/cka_prev"])
     assert [m.step for m in client.get_metric_history(pid, "eval/knn_acc")] == [0, 1]
-    # the random-init baseline, evaluated once (cached in the run directory), flat on the stream run
+    # the reference rows, evaluated once by the evaluation actor (not in this driver process) and
+    # cached in the run directory; the random-init one flat on the stream run from segment 0 on
+    for name in ("random_init.json", "raw_pixels.json"):
+        assert json.loads((run_dir / name).read_text())["evaluated_in"]["pid"] != os.getpid(), name
     cached = json.loads((run_dir / "random_init.json").read_text())["metrics"]
     for probe in ("knn", "linear"):
         hist = client.get_metric_history(pid, f"baseline/random_init_{probe}_acc")

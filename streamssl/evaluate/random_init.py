@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -87,10 +88,15 @@ def read_reference_metrics(run_dir: str | os.PathLike[str] | Location) -> dict[s
     return out
 
 
-def _cached(loc: Location, key: str, cfg: Config, evaluate: Evaluator) -> dict[str, float]:
+def _cached_only(loc: Location, key: str) -> dict[str, float] | None:
     doc = _read_doc(loc)
-    if doc is not None and doc.get("config_key") == key:
-        return _metrics(doc)
+    return _metrics(doc) if doc is not None and doc.get("config_key") == key else None
+
+
+def _cached(loc: Location, key: str, cfg: Config, evaluate: Evaluator) -> dict[str, float]:
+    found = _cached_only(loc, key)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     metrics = {str(k): float(v) for k, v in evaluate(cfg).items()}
     write_json_atomic(loc, {
@@ -98,9 +104,17 @@ def _cached(loc: Location, key: str, cfg: Config, evaluate: Evaluator) -> dict[s
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config_key": key,
         "eval_s": time.perf_counter() - t0,
+        # Which process paid for it: during a stream, the evaluation actor, never the driver.
+        "evaluated_in": {"host": socket.gethostname(), "pid": os.getpid()},
         "metrics": metrics,
     })
     return metrics
+
+
+def cached_random_init_metrics(cfg: Config, run_dir: str | os.PathLike[str] | Location) -> dict[str, float] | None:
+    """The random-init metrics for ``cfg`` if the run directory has them cached; never evaluates
+    (what the driver's callbacks use: the evaluation actor writes the cache)."""
+    return _cached_only(RunLayout(run_dir).random_init, config_key(cfg))
 
 
 def random_init_metrics(cfg: Config, run_dir: str | os.PathLike[str] | Location,

@@ -11,7 +11,9 @@ MLflow's metric page with each probe's accuracy and its random-init level in one
 (:func:`description`).
 
 The number itself is owned by :mod:`streamssl.evaluate.random_init`: evaluated once per run
-directory and cached in ``random_init.json``, so a resumed stream reads it back. Off with
+directory, by the stream's evaluation actor (:mod:`streamssl.evaluate.service`) before segment 0's
+evaluation, and cached in ``random_init.json``; the tracker only reads that cache, so nothing slow
+runs on the driver's message loop, and a resumed stream reads it back. Off with
 ``eval.enabled=false`` or ``eval.random_init_baseline=false``.
 """
 
@@ -21,7 +23,7 @@ import os
 from collections.abc import Mapping
 
 from streamssl.config import Config
-from streamssl.evaluate.random_init import Evaluator, random_init_metrics
+from streamssl.evaluate.random_init import Evaluator, cached_random_init_metrics, random_init_metrics
 from streamssl.storage import Location
 
 METRIC_PREFIX = "baseline/random_init_"
@@ -52,9 +54,12 @@ def accuracy_metrics(baseline: Mapping[str, float]) -> dict[str, float]:
 
 def random_init_baseline(cfg: Config, run_dir: str | os.PathLike[str] | Location,
                          evaluate: Evaluator | None = None) -> dict[str, float] | None:
-    """The stream's random-init metrics (cached in the run directory); None when turned off."""
+    """The stream's random-init metrics; None when turned off, or (without ``evaluate``) while
+    the run directory has no cached copy yet. Only an explicit ``evaluate`` evaluates here."""
     if not wanted(cfg):
         return None
+    if evaluate is None:
+        return cached_random_init_metrics(cfg, run_dir)
     return random_init_metrics(cfg, run_dir, evaluate)
 
 

@@ -124,9 +124,10 @@ class MlflowTracker(StreamCallback):
     ``encoder_loader``: checkpoint dir -> frozen ``nn.Module`` (default :func:`streamssl.load_encoder`).
     ``log_model`` / ``plots``: turn the final MLflow model / the plot artifacts off.
     ``model_format``: ``"pt2"`` (torch.export; falls back to pickle if export fails) or ``"pickle"``.
-    ``random_init_evaluator``: config -> random-init metrics (default
-    :func:`streamssl.evaluate.after_segment.evaluate_random_init`); used once per stream when
-    ``eval.enabled`` and ``eval.random_init_baseline``, then cached in the run directory.
+    ``random_init_evaluator``: config -> random-init metrics, evaluated here when the run
+    directory has none cached. Default None: the tracker only reads the cache that the stream's
+    evaluation actor writes (when ``eval.enabled`` and ``eval.random_init_baseline``), at each
+    segment's end until it is there, so nothing slow runs on the driver's message loop.
     """
 
     def __init__(self, *, strict: bool | None = None, encoder_loader: Callable[[str], Any] | None = None,
@@ -408,11 +409,12 @@ class MlflowTracker(StreamCallback):
         return sorted((result_from_dict(e["result"]) for e in done), key=lambda r: r.segment)
 
     def _ensure_baseline(self, ctx: StreamContext) -> None:
-        """The random-init baseline, evaluated (or read from the run directory) the first time a
-        segment ends; a failed attempt is not retried at every segment."""
-        if self._baseline_tried:
+        """The random-init baseline, read from the run directory (or evaluated by an explicit
+        ``random_init_evaluator``) when a segment ends, until it is found; a failed evaluation is
+        not retried at every segment."""
+        if self._baseline_tried or self.baseline:
             return
-        self._baseline_tried = True
+        self._baseline_tried = self.random_init_evaluator is not None
         self.baseline = random_init.random_init_baseline(ctx.config, ctx.run_dir, self.random_init_evaluator)
         if self.baseline:
             self._describe(random_init.description(self.experiment_id, self.parent_run_id,  # type: ignore[arg-type]

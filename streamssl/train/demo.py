@@ -73,8 +73,8 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None,
     with ProgressPrinter() as progress:
         runner = StreamRunner(cfg, run_dir, callbacks=[progress, *callbacks_for(cfg)])
         results = runner.run()
-    # The tracker evaluated random init once for the stream run (random_init.json); read back,
-    # not redone. Raw pixels are evaluated here once (raw_pixels.json).
+    # The stream's evaluation actor cached both reference rows in the run directory (random_init.json,
+    # raw_pixels.json); read back here, not redone.
     references = reference_metrics(cfg, runner.run_dir) if cfg.eval.enabled else {}
     wall = time.perf_counter() - t0
     rd = Path(runner.run_dir)

@@ -11,6 +11,7 @@ files are written is :mod:`streamssl.run`'s business.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,8 @@ from streamssl.run.layout import RunLayout, canonical_run_dir, new_run_dir, segm
 from streamssl.run.records import SegmentResult
 from streamssl.run.state import RunState, read_state, write_state
 from streamssl.train.callbacks import StreamCallback, StreamContext
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchPlan", "StreamRunner", "batch_plan", "ensure_dataset", "ensure_plan", "new_run_dir",
            "ray_scaling_config", "read_state", "resume", "segment_rows", "segment_training_plan", "start_checkpoint", "train",
@@ -244,10 +247,16 @@ class StreamRunner:
             from streamssl.evaluate.service import start_evaluator
 
             evaluator = start_evaluator(cfg.eval.num_cpus, cfg.eval.num_gpus)
+        # The reference rows go to the actor first (it runs calls in order): cached in the run
+        # directory while segment 0 trains, read by the callbacks, never evaluated on this loop.
+        references = (evaluator.references.remote(cfg.to_dict(), str(self.run_dir))
+                      if evaluator is not None and cfg.eval.random_init_baseline else None)
         try:
             for i in range(0, len(remaining), per_fit):
                 results.extend(_SegmentsFit(self, ctx, remaining[i:i + per_fit], plan, strategy, state,
                                             evaluator).run())
+            if references is not None:
+                _wait_for_references(references)
         finally:
             if evaluator is not None:
                 import ray
@@ -257,6 +266,18 @@ class StreamRunner:
         self._emit("on_stream_end", ctx, results)
         print(f"done: {num_segments} segments; results in {run_dir}", flush=True)
         return results
+
+
+def _wait_for_references(ref: Any) -> None:
+    """The reference rows' evaluation, finished (they are in the run directory then); a failure
+    is a warning: the stream's own results stand without them."""
+    import ray
+
+    try:
+        _, seconds = ray.get(ref)
+        log.info("reference rows (raw pixels, random init) ready, %.1f s on the evaluation actor", seconds)
+    except Exception as e:  # noqa: BLE001 (reported, not fatal)
+        log.warning("reference rows (raw pixels, random init) were not evaluated: %s", e)
 
 
 @dataclass
