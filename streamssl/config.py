@@ -127,15 +127,35 @@ class ScalingConfig(_Section):
 
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    # GPU share each worker reserves with use_gpu: below 1 leaves room on its GPU for the
+    # evaluation actor (eval.num_gpus), see cluster/README.md "Resource plan".
+    gpus_per_worker: float = Field(1.0, gt=0)
     cpus_per_worker: float = Field(0.5, gt=0)  # <1 keeps CPU free for Ray Data (see docs/stack-notes.md)
+    # Further Ray resources each worker reserves, e.g. a custom node resource that keeps training
+    # on one node type ({"train_node": 1}); "CPU" / "GPU" are set by the fields above.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     zero_stage: Literal[0, 1, 2] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     checkpoint_every_steps: int = Field(0, ge=0)  # in-segment checkpoints; 0 = only at the end
+    # Every N steps the workers ask Ray Train whether a node of theirs is being preempted (a
+    # barrier across workers); on a notice they checkpoint at once. 0 = never ask.
+    preemption_check_every_steps: int = Field(20, ge=0)
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of a failed worker group
     ray_address: str | None = None  # None = start/attach a local Ray
     # Segments trained by one Ray Train run (one worker group, process group, set of imports).
     # None = all the stream's remaining segments; 1 = a new TorchTrainer.fit() per segment.
     segments_per_fit: int | None = Field(None, ge=1)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        clash = sorted(k for k in v if k.upper() in ("CPU", "GPU"))
+        if clash:
+            raise ValueError(f"{clash} are set by scaling.cpus_per_worker / scaling.use_gpu; "
+                             "resources_per_worker takes custom resources only")
+        if any(n < 0 for n in v.values()):
+            raise ValueError("resources_per_worker amounts must be >= 0")
+        return v
 
 
 class EvalConfig(_Section):
@@ -151,15 +171,21 @@ class EvalConfig(_Section):
     fewshot_episodes: int = Field(600, ge=1)
     max_train_images: int | None = Field(10000, ge=1)  # subsample the probe's train features
     max_test_images: int | None = Field(None, ge=1)
-    # CKA to the parent checkpoint and SSL-loss sharpness after every segment (a few seconds each
-    # on CPU); a study that only needs the probes turns them off.
-    diagnostics: bool = True
+    # CKA to the parent checkpoint and SSL-loss sharpness after every segment: a few seconds each
+    # for the small CNN on CPU, far more for ResNets, so off unless asked for.
+    diagnostics: bool = False
+    # A segment whose evaluation costs more than this fraction of its training loop's time says
+    # so (console and log), with the settings that make it cheaper.
+    max_cost_fraction: float = Field(0.25, gt=0)
     # The same architecture evaluated once per stream at its random init (cached in the run
     # directory): the baseline the stream's accuracy is plotted against in MLflow.
     random_init_baseline: bool = True
     # After-segment evaluation runs in a Ray actor kept for the whole stream, while the workers
     # train the next segment. Its reserved resources: 0 CPUs shares the cluster's CPUs with
-    # training (it never waits for room); on a GPU cluster give it a GPU of its own.
+    # training (it never waits for room). num_gpus = 0 encodes on CPUs (Ray Data actors); > 0 the
+    # actor encodes on the GPU share it holds: a fraction beside training workers that reserve
+    # less than a whole GPU (scaling.gpus_per_worker), or 1 for a GPU of its own. The stream
+    # refuses a plan whose evaluation could never be scheduled (cluster/README.md "Resource plan").
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
 

@@ -45,7 +45,7 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     experiment = f"lineage-e2e-{tmp_path.name}"
     run_dir = tmp_path / "run"
     cfg = load_config(tiny_config(tmp_path, tiny_dataset, run_dir, ray_local, stream__segments=2,
-                                  eval__enabled=True, eval__linear_epochs=20, eval__fewshot_episodes=20,
+                                  eval__enabled=True, eval__linear_epochs=20, eval__fewshot_episodes=20, eval__diagnostics=True,
                                   tracking__enabled=True, tracking__tracking_uri=mlflow_server,
                                   tracking__experiment=experiment))
     callbacks = default_callbacks(cfg)

@@ -198,3 +198,40 @@ def test_run_ending_while_a_callback_blocks_records_every_segment(tmp_path, tiny
     assert [r.segment for r in results] == [0, 1] and cb.ended == [0, 1]
     assert [c["segment"] for c in _state(tmp_path / "run")["completed"]] == [0, 1]
     assert _meta(tmp_path / "run", 1)["init_digest"] == _meta(tmp_path / "run", 0)["final_digest"]
+
+
+class _FailAfterTraining(_BlockAfterFirstSegment):
+    """After segment 0, waits for the stream's training to end, then fails the driver: segment 1
+    is trained and its final checkpoint is in Ray's storage, but the stream never recorded it."""
+
+    def on_segment_end(self, ctx, result) -> None:
+        super().on_segment_end(ctx, result)
+        if result.segment == 0:
+            raise RuntimeError("the tracking server went away")
+
+
+def test_resume_publishes_a_segment_finished_before_the_failure(tmp_path, tiny_dataset, ray_local):
+    """``resume`` after a driver failure past the last segment's training publishes that segment
+    from Ray's storage (the interrupted Ray run's latest checkpoint) instead of retraining it."""
+    from streamssl.config import Config
+    from streamssl.train.driver import resume, train
+
+    run_dir = tmp_path / "run"
+    cfg = Config.model_validate({"name": "late-failure", **stream_config(tiny_dataset, ray_local)})
+    with pytest.raises(RuntimeError, match="tracking server went away"):
+        train(cfg, run_dir, callbacks=[_FailAfterTraining()])
+    state = _state(run_dir)
+    assert [c["segment"] for c in state["completed"]] == [0] and state["in_progress"]["segments"] == [0, 1]
+
+    def finals() -> list[dict]:  # segment 1's final checkpoints in Ray's storage, any Ray run
+        return [json.loads(p.read_text()) for p in sorted((run_dir / "ray").glob("*/segment-001-final/meta.json"))]
+
+    trained = finals()
+    assert len(trained) == 1
+    results = resume(run_dir, callbacks=[])
+    assert [r.segment for r in results] == [0, 1]
+    assert finals() == trained  # no second Ray run trained segment 1 again
+    published = _meta(run_dir, 1)
+    assert published["final_digest"] == trained[0]["final_digest"]
+    assert published["init_digest"] == _meta(run_dir, 0)["final_digest"]
+    assert [c["segment"] for c in _state(run_dir)["completed"]] == [0, 1] and _state(run_dir)["in_progress"] is None

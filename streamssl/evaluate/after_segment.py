@@ -125,11 +125,14 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
     classes = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes", [])
     seg_classes = segment_class_ids(plan_meta, classes) if plan_meta else None
     backbone = getattr(encoder, "backbone", encoder)
+    # With a GPU share (eval.num_gpus > 0) this process holds it and encodes here, Ray Data only
+    # reading and decoding; without one, a pool of CPU encode actors does.
+    on_gpu = eval_device(cfg).type == "cuda"
     features = extract_features(backbone, ds, transform=eval_transform(cfg.ssl.augment, size, ch),
-                                use_gpu=cfg.scaling.use_gpu)
+                                use_gpu=on_gpu, in_process=cfg.eval.num_gpus > 0)
     train, test, val = split_parts(features, 3)
     metrics = evaluate_encoder(None, train, test, cfg.eval, transform=None, segment_classes=seg_classes,
-                               use_gpu=cfg.scaling.use_gpu, seed=cfg.seed)
+                               use_gpu=on_gpu, seed=cfg.seed)
     if len(val):
         metrics.update(validation_metrics(train, val, cfg))
     metrics["eval/feature_images_per_s"] = features.images_per_s
@@ -182,10 +185,12 @@ SHARPNESS_RHO = 0.05
 SHARPNESS_SEED = 0
 
 
-def _diag_device(cfg: Config) -> Any:
-    import torch
+def eval_device(cfg: Config) -> Any:
+    """Where evaluation computes: the GPU share the evaluation holds (``eval.num_gpus`` > 0), if
+    this process has a GPU and may use it (:mod:`streamssl.devices`); else the CPU."""
+    from streamssl.devices import compute_device
 
-    return torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    return compute_device(cfg.eval.num_gpus > 0)
 
 
 def probe_images(cfg: Config, limit: int = DRIFT_PROBE_IMAGES) -> np.ndarray:
@@ -206,7 +211,7 @@ def cka_to_previous(cfg: Config, encoder: Any, prev_ckpt: str | Path, images: np
     from streamssl.ssl.augment import eval_transform
 
     transform = eval_transform(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
-    return cka_between_encoders(load_encoder(prev_ckpt), encoder, images, transform, device=_diag_device(cfg))
+    return cka_between_encoders(load_encoder(prev_ckpt), encoder, images, transform, device=eval_device(cfg))
 
 
 def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batches: int = SHARPNESS_BATCHES,
@@ -232,7 +237,7 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
     bs = min(cfg.optim.batch_size, SHARPNESS_MAX_BATCH, len(images) // batches)
     if bs < 2:
         return None
-    device = _diag_device(cfg)
+    device = eval_device(cfg)
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)
     model.load_state_dict(ck.load_model_state(ckpt_dir))
     model.to(device).train()

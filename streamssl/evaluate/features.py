@@ -151,6 +151,7 @@ def extract_features(
     use_gpu: bool = False,
     concurrency: int = 1,
     num_cpus: float = 1.0,
+    in_process: bool = False,
 ) -> FeatureSet:
     """Encode every valid row of a Ray Dataset (columns ``image`` uint8 (C,H,W), ``label``,
     optional ``valid``) with an actor pool of ``concurrency`` actors.
@@ -158,28 +159,37 @@ def extract_features(
     The encoder and transform go into the object store once (``ray.put``) and each actor loads
     them in its constructor. On GPU every actor takes one GPU. Row order of the result follows
     the dataset's block order, and features stay paired with their labels either way.
+
+    ``in_process``: encode in this process instead (on its GPU with ``use_gpu``), Ray Data only
+    reading and decoding: what the evaluation actor does with the GPU share it already holds, so
+    that encoding asks Ray for no second GPU while training holds the others.
     """
     import ray
     import ray.data
 
     if not ray.is_initialized():
         raise RuntimeError("extract_features needs a running Ray (ray.init) -- or use extract_features_local")
-    enc_ref = ray.put(_cpu_copy(encoder))
-    tf_ref = ray.put(_cpu_copy(transform))
     start = time.perf_counter()
-    mapped = ds.map_batches(
-        _EncodeActor,
-        fn_constructor_kwargs={"encoder": enc_ref, "transform": tf_ref, "use_gpu": use_gpu},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=num_cpus,
-    )
+    if in_process:
+        encode = _EncodeActor(_cpu_copy(encoder), _cpu_copy(transform), use_gpu)
+        batches: Iterator[dict[str, np.ndarray]] = (
+            encode(b) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    else:
+        mapped = ds.map_batches(
+            _EncodeActor,
+            fn_constructor_kwargs={"encoder": ray.put(_cpu_copy(encoder)), "transform": ray.put(_cpu_copy(transform)),
+                                   "use_gpu": use_gpu},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=num_cpus,
+        )
+        batches = mapped.iter_batches(batch_size=None, batch_format="numpy")
     feats: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     parts: list[np.ndarray] = []
-    for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches:
         lab = np.asarray(batch["label"], dtype=np.int64)
         if len(lab) == 0:
             continue

@@ -14,8 +14,11 @@ recorded, and nothing slow runs in the driver, whose loop reads the stream's mes
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class _Evaluator:
@@ -44,8 +47,61 @@ class _Evaluator:
         return refs, time.perf_counter() - t0
 
 
+class StreamEvaluation:
+    """The evaluation actor of one stream, started when first needed; its first call evaluates the
+    reference rows (when ``eval.random_init_baseline``).
+
+    An actor that reserves a GPU share (``eval.num_gpus`` > 0) is started when the first segment
+    has been trained, so the training workers already hold their GPUs: it takes what they leave
+    and can never keep the worker group from being placed (Ray places a fractional GPU request on
+    one GPU, and an actor placed first could split the GPUs so that no worker fits). A CPU-only
+    actor is started with the stream, so the reference rows are evaluated while segment 0 trains.
+    """
+
+    def __init__(self, config: dict[str, Any], run_dir: str, num_cpus: float, num_gpus: float,
+                 references: bool) -> None:
+        self.config, self.run_dir = config, run_dir
+        self.num_cpus, self.num_gpus, self.with_references = num_cpus, num_gpus, references
+        self.actor: Any = None
+        self.references: Any = None  # ObjectRef of the reference rows' evaluation
+
+    def start(self) -> Any:
+        if self.actor is None:
+            self.actor = start_evaluator(self.num_cpus, self.num_gpus)
+            if self.with_references:
+                self.references = self.actor.references.remote(self.config, self.run_dir)
+        return self.actor
+
+    def evaluate(self, *args: Any) -> Any:
+        """``_Evaluator.evaluate(config, ckpt, plan_meta, segment, prev)`` on the actor: an ObjectRef."""
+        return self.start().evaluate.remote(self.config, *args)
+
+    def wait_for_references(self) -> None:
+        """The reference rows, evaluated (in the run directory then); a failure is a warning: the
+        stream's own results stand without them."""
+        if self.references is None:
+            return
+        import ray
+
+        try:
+            _, seconds = ray.get(self.references)
+            log.info("reference rows (raw pixels, random init) ready, %.1f s on the evaluation actor", seconds)
+        except Exception as e:  # noqa: BLE001 (reported, not fatal)
+            log.warning("reference rows (raw pixels, random init) were not evaluated: %s", e)
+
+    def close(self) -> None:
+        if self.actor is not None:
+            import ray
+
+            ray.kill(self.actor)
+            self.actor = None
+
+
 def start_evaluator(num_cpus: float = 0.0, num_gpus: float = 0.0) -> Any:
     """A new evaluator actor (a handle whose ``evaluate.remote(...)`` returns an ObjectRef)."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Evaluator).remote()
+    # Every call is idempotent (it reads a published checkpoint, writes only caches): an actor
+    # whose node is lost is restarted elsewhere and its calls retried.
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=3,
+                      max_task_retries=3)(_Evaluator).remote()

@@ -12,6 +12,7 @@ run returns. Rank 0 puts small dicts on a Ray queue (an actor holding no CPU):
 After a worker failure a segment's start and end may arrive twice; the driver keeps the first.
 ``put`` returns once the queue actor holds the message, so every message of a run is queued before
 its ``fit()`` returns: a driver that sees the run over and then drains the queue has read them all.
+The queue actor lives on the driver's node, so losing any other node loses no message.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ from typing import Any
 
 class SegmentChannel:
     def __init__(self) -> None:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self._queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node: a cluster that loses a worker node must not lose the queue (the
+        # driver's own node going away ends the stream anyway).
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self._queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     def put(self, message: dict[str, Any]) -> None:
         self._queue.put(message)

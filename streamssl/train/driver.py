@@ -242,42 +242,33 @@ class StreamRunner:
         t_stream = time.perf_counter()
         remaining = list(range(len(completed), num_segments))
         per_fit = cfg.scaling.segments_per_fit or max(1, len(remaining))
-        evaluator = None
+        evaluation = None
         if cfg.eval.enabled and remaining:
-            from streamssl.evaluate.service import start_evaluator
+            import ray
 
-            evaluator = start_evaluator(cfg.eval.num_cpus, cfg.eval.num_gpus)
-        # The reference rows go to the actor first (it runs calls in order): cached in the run
-        # directory while segment 0 trains, read by the callbacks, never evaluated on this loop.
-        references = (evaluator.references.remote(cfg.to_dict(), str(self.run_dir))
-                      if evaluator is not None and cfg.eval.random_init_baseline else None)
+            from streamssl.evaluate.service import StreamEvaluation
+
+            warning = resource_plan_warning(cfg, float(ray.cluster_resources().get("GPU", 0.0)))
+            if warning:
+                log.warning("resource plan: %s", warning)
+                print(f"warning: {warning}", flush=True)
+            evaluation = StreamEvaluation(cfg.to_dict(), str(self.run_dir), cfg.eval.num_cpus, cfg.eval.num_gpus,
+                                          references=cfg.eval.random_init_baseline)
+            if cfg.eval.num_gpus == 0:
+                evaluation.start()  # the reference rows are evaluated while segment 0 trains
         try:
             for i in range(0, len(remaining), per_fit):
                 results.extend(_SegmentsFit(self, ctx, remaining[i:i + per_fit], plan, strategy, state,
-                                            evaluator).run())
-            if references is not None:
-                _wait_for_references(references)
+                                            evaluation).run())
+            if evaluation is not None:
+                evaluation.wait_for_references()
         finally:
-            if evaluator is not None:
-                import ray
-
-                ray.kill(evaluator)
+            if evaluation is not None:
+                evaluation.close()
         _write_results(run_dir, results, wall_s=time.perf_counter() - t_stream)
         self._emit("on_stream_end", ctx, results)
         print(f"done: {num_segments} segments; results in {run_dir}", flush=True)
         return results
-
-
-def _wait_for_references(ref: Any) -> None:
-    """The reference rows' evaluation, finished (they are in the run directory then); a failure
-    is a warning: the stream's own results stand without them."""
-    import ray
-
-    try:
-        _, seconds = ray.get(ref)
-        log.info("reference rows (raw pixels, random init) ready, %.1f s on the evaluation actor", seconds)
-    except Exception as e:  # noqa: BLE001 (reported, not fatal)
-        log.warning("reference rows (raw pixels, random init) were not evaluated: %s", e)
 
 
 @dataclass
@@ -301,15 +292,15 @@ class _SegmentsFit:
     buffer depends only on which rows were seen, so it is advanced ahead of training) and named
     per segment (``train_<t>``, ``replay_<t>``). While the run trains, rank 0's messages
     (:mod:`streamssl.train.channel`) drive everything else in segment order: a segment's
-    checkpoint is published as soon as it ends, handed to the evaluator actor, and once evaluated
+    checkpoint is published as soon as it ends, handed to the evaluation actor, and once evaluated
     recorded in ``state.json`` and passed to the callbacks, while the workers already train the
     next segment. A failed run still records every segment that finished before the failure.
     """
 
     def __init__(self, runner: StreamRunner, ctx: StreamContext, segments: list[int], plan: pa.Table,
-                 strategy: Any, state: RunState, evaluator: Any) -> None:
+                 strategy: Any, state: RunState, evaluation: Any) -> None:
         self.runner, self.ctx, self.segments, self.plan = runner, ctx, segments, plan
-        self.strategy, self.state, self.evaluator = strategy, state, evaluator
+        self.strategy, self.state, self.evaluation = strategy, state, evaluation
         self.cfg, self.layout = runner.cfg, runner.layout
         self.prepared: dict[int, _PreparedSegment] = {}
         self.ended: dict[int, tuple[dict[str, Any], float]] = {}  # end message + when it arrived
@@ -386,10 +377,12 @@ class _SegmentsFit:
         try:
             self._prepare(datasets, tmp)
             # Reusing the Ray run name of an interrupted attempt makes Ray Train restore its
-            # latest checkpoint; a fresh attempt gets a fresh name (see docs/stack-notes.md).
+            # latest checkpoint (see docs/stack-notes.md): also when the attempt recorded some of
+            # its segments before it failed, so a segment it finished but never recorded is
+            # published from Ray's storage, not trained again. Otherwise a fresh name.
             ip = state.in_progress
             first = self.segments[0]
-            name = (ip["ray_run_name"] if ip and ip.get("segment") == first
+            name = (ip["ray_run_name"] if ip and first in ip.get("segments", [ip.get("segment")])
                     else f"{segment_name(first)}-{uuid.uuid4().hex[:6]}")
             self.ray_run_name = name
             state.in_progress = {"segment": first, "segments": self.segments, "ray_run_name": name}
@@ -402,6 +395,7 @@ class _SegmentsFit:
                 train_loop_config={"config": cfg.to_dict(), "channel": channel,
                                    "phases": [self.prepared[t].phase for t in self.segments]},
                 scaling_config=ray_scaling_config(cfg),
+                torch_config=ray_torch_config(cfg),
                 datasets=datasets,
                 dataset_config=DataConfig(datasets_to_split="all"),
                 run_config=RunConfig(
@@ -459,7 +453,7 @@ class _SegmentsFit:
 
     # -- while the run trains
     def _ready(self) -> bool:
-        return self.next in self.ended and (self.evaluator is None or self.next in self.evals)
+        return self.next in self.ended and (self.evaluation is None or self.next in self.evals)
 
     def _wait_for_evaluations(self) -> None:
         if self.next in self.evals:
@@ -506,9 +500,8 @@ class _SegmentsFit:
             ck.publish_dir(tmp, self.layout.checkpoint(t))
         finally:
             shutil.rmtree(tmp.parent, ignore_errors=True)
-        if self.evaluator is not None:
-            self.evals[t] = self.evaluator.evaluate.remote(self.cfg.to_dict(), self.layout.checkpoint(t).uri,
-                                                           self.ctx.plan_meta, t, prep.parent)
+        if self.evaluation is not None:
+            self.evals[t] = self.evaluation.evaluate(self.layout.checkpoint(t).uri, self.ctx.plan_meta, t, prep.parent)
 
     def _record_ready(self) -> None:
         """Record, in segment order, every segment that has ended and been evaluated."""
@@ -557,6 +550,10 @@ class _SegmentsFit:
             metrics.update(eval_metrics)
             metrics["time/eval_s"] = eval_s
             result.accuracy_row = acc_row
+            cost = eval_cost_warning(self.cfg, t, eval_s, metrics.get("time/train_loop_s", 0.0))
+            if cost:
+                log.warning("%s", cost)
+                print(f"warning: {cost}", flush=True)
         # From the previous segment's end to this one's record: training, publishing, evaluation.
         metrics["time/segment_wall_s"] = time.perf_counter() - t_begin
         self.state.completed.append(result)
@@ -584,10 +581,71 @@ def _train_loop_entry(loop_cfg: dict[str, Any]) -> None:
 def ray_scaling_config(cfg: Config) -> Any:
     from ray.train import ScalingConfig
 
-    res: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
+    res: dict[str, float] = {**cfg.scaling.resources_per_worker, "CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
-        res["GPU"] = 1
+        res["GPU"] = cfg.scaling.gpus_per_worker
     return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=res)
+
+
+def ray_torch_config(cfg: Config) -> Any:
+    """Ray's default process group (NCCL on GPU workers, gloo on CPU ones), except gloo for
+    workers that reserve GPUs but compute on CPU (``STREAMSSL_COMPUTE_DEVICE=cpu``)."""
+    from ray.train.torch import TorchConfig
+
+    from streamssl.devices import gpu_compute_allowed
+
+    return TorchConfig(backend="gloo") if cfg.scaling.use_gpu and not gpu_compute_allowed() else TorchConfig()
+
+
+def gpu_plan(cfg: Config) -> tuple[float, float]:
+    """(GPUs the training workers reserve, GPUs the evaluation actor reserves) for the whole stream."""
+    train = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
+    return train, (cfg.eval.num_gpus if cfg.eval.enabled else 0.0)
+
+
+def gpus_needed(shares: Sequence[float]) -> int:
+    """Whole GPUs that these GPU requests occupy: Ray places a request below 1 on a single GPU
+    (first-fit decreasing here), and a whole-number request on whole GPUs."""
+    bins: list[float] = []  # free share of each partly used GPU
+    for x in sorted((x for x in shares if 0 < x < 1), reverse=True):
+        i = next((i for i, free in enumerate(bins) if free >= x - 1e-9), None)
+        if i is None:
+            bins.append(1.0 - x)
+        else:
+            bins[i] -= x
+    return sum(math.ceil(x) for x in shares if x >= 1) + len(bins)
+
+
+def resource_plan_warning(cfg: Config, cluster_gpus: float) -> str | None:
+    """Why the evaluation cannot hold its GPU share beside training on a cluster with
+    ``cluster_gpus`` GPUs now, or None when it can. Training never waits for evaluation (the
+    evaluation actor starts once the workers hold their GPUs); an evaluation that does not fit
+    waits for GPUs to free up (the end of the stream, or an autoscaler adding a node)."""
+    train, evaluation = gpu_plan(cfg)
+    if evaluation <= 0:
+        return None
+    shares = [cfg.scaling.gpus_per_worker] * cfg.scaling.num_workers if cfg.scaling.use_gpu else []
+    need = gpus_needed([*shares, evaluation])
+    if need <= cluster_gpus + 1e-9:
+        return None
+    return (f"the evaluation actor's eval.num_gpus={evaluation:g} does not fit beside the training workers' "
+            f"{train:g} GPUs (scaling.num_workers x scaling.gpus_per_worker; a share below 1 must fit on one GPU): "
+            f"{need} GPUs needed, the cluster has {cluster_gpus:g}. Evaluations wait until GPUs free up (the end "
+            "of the stream, or a node the autoscaler adds). Use eval.num_gpus=0 (CPU), a fraction with "
+            "scaling.gpus_per_worker + eval.num_gpus <= 1, or one more GPU (cluster/README.md, 'Resource plan')")
+
+
+def eval_cost_warning(cfg: Config, t: int, eval_s: float, train_s: float) -> str | None:
+    """A line saying that segment t's evaluation cost more than ``eval.max_cost_fraction`` of its
+    training loop's time, and what makes it cheaper; None when it did not."""
+    if train_s <= 0 or eval_s <= cfg.eval.max_cost_fraction * train_s:
+        return None
+    e = cfg.eval
+    return (f"segment {t}: evaluation took {eval_s:.0f} s, {100 * eval_s / train_s:.0f}% of its {train_s:.0f} s of "
+            f"training (over eval.max_cost_fraction={e.max_cost_fraction:g}); cheaper: a smaller "
+            f"eval.max_train_images (now {e.max_train_images}) or eval.max_test_images (now {e.max_test_images}), "
+            f"fewer eval.fewshot_episodes (now {e.fewshot_episodes}), eval.diagnostics=false (now "
+            f"{str(e.diagnostics).lower()}), or a GPU share for it (eval.num_gpus, cluster/README.md)")
 
 
 def _segment_meta(plan_meta: dict[str, Any], t: int) -> dict[str, Any]:

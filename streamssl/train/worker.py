@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from streamssl.config import Config
+from streamssl.devices import compute_device
 from streamssl.run import checkpoint as ck
 from streamssl.run.layout import segment_name
 from streamssl.train.deepspeed_config import deepspeed_config
@@ -293,6 +294,9 @@ class _SegmentWork:
     start_step: int = 0
     images_seen: int = 0  # rows through forward+backward, all workers, this segment so far
     restored_skipped: int = 0  # undecodable rows counted before a restart; `data` counts on
+    restarts: int = 0  # times this segment was restored from an in-segment checkpoint (node or worker lost)
+    preemption_checkpoints: int = 0  # in-segment checkpoints written on a preemption notice
+    preemption_seen: int = 0  # of those, written before this attempt (a restart may get a new notice)
     step_images: int = 0  # rows of this attempt's steps, all workers (for throughput)
     train_time_s: float = 0.0
     data_wait_s: float = 0.0  # of train_time_s, waiting for batches (this rank)
@@ -379,7 +383,7 @@ def _start_fit(loop_cfg: dict[str, Any]) -> _Fit:
 
     cfg = Config.model_validate(loop_cfg["config"])
     ctx = ray.train.get_context()
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
+    device = compute_device(cfg.scaling.use_gpu, ctx.get_local_rank())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
@@ -487,6 +491,8 @@ def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -
         shutil.rmtree(restored["engine_dir"], ignore_errors=True)
         work.start_step, work.images_seen = meta["step"], meta["images_seen"]
         work.restored_skipped = meta.get("skipped_images", 0)
+        work.restarts = int(meta.get("restarts", 0)) + 1
+        work.preemption_checkpoints = work.preemption_seen = int(meta.get("preemption_checkpoints", 0))
     work.setup_s = time.perf_counter() - t0
     return work
 
@@ -588,12 +594,40 @@ def _train_steps(work: _SegmentWork) -> None:
             per_step = (time.perf_counter() - t_start) / (step + 1 - work.start_step)
             if (work.total_steps - step - 1) * per_step <= NEXT_DATA_LEAD_S:
                 _open_ahead(work.fit, work.next_phase)
-        if ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < work.total_steps:
-            _report_checkpoint(work, step + 1, final=False, extra={"segment": work.segment,
-                                                                   "init_digest": work.init_digest})
+        done = step + 1
+        if done < work.total_steps and ((ckpt_every and done % ckpt_every == 0) or _preemption_notice(work, done)):
+            _report_checkpoint(work, done, final=False, extra={"segment": work.segment,
+                                                               "init_digest": work.init_digest,
+                                                               "restarts": work.restarts,
+                                                               "preemption_checkpoints": work.preemption_checkpoints})
     work.train_time_s = time.perf_counter() - t_start
     if work.rank == 0 and len(work.steps_log) > sent:
         work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
+
+
+def _preemption_notice(work: _SegmentWork, done: int) -> bool:
+    """Whether to checkpoint now because a node of this worker group is about to be preempted.
+
+    Ray Train learns of a preemption when the node is drained (a spot reclaim notice through the
+    autoscaler, or ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``) and answers
+    ``ray.train.get_preemption_info()`` alike on every rank. The call is a barrier across the
+    workers, so every rank asks at the same steps (every ``scaling.preemption_check_every_steps``);
+    the first notice of an attempt writes one in-segment checkpoint at once, and the restart
+    after the node is gone loses only the steps since then.
+    """
+    every = work.cfg.scaling.preemption_check_every_steps
+    if not every or done % every or work.preemption_checkpoints > work.preemption_seen:
+        return False
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return False
+    work.preemption_checkpoints += 1
+    if work.rank == 0:
+        print(f"[segment {work.segment}] rank 0: preemption notice for node(s) {info.preempted_node_ids} "
+              f"(ranks {info.preempted_ranks}); checkpoint at step {done}", flush=True)
+    return True
 
 
 def _optimizer_step(work: _SegmentWork) -> tuple[dict[str, torch.Tensor], Any]:
@@ -646,6 +680,8 @@ def _finish(work: _SegmentWork) -> None:
         "train/steps": work.total_steps,
         "train/images_per_s": work.step_images / max(work.train_time_s, 1e-9),
         "train/skipped_images": work.data.skipped,
+        "train/restarts": work.restarts,
+        "train/preemption_checkpoints": work.preemption_checkpoints,
         "time/setup_s": work.setup_s,
         "time/train_loop_s": work.train_time_s,
         "time/data_wait_s": work.data_wait_s,
