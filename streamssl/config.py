@@ -177,6 +177,9 @@ class EvalConfig(_Section):
     # A segment whose evaluation costs more than this fraction of its training loop's time says
     # so (console and log), with the settings that make it cheaper.
     max_cost_fraction: float = Field(0.25, gt=0)
+    # A second ingested dataset (train + test splits) probed as a downstream task after every
+    # segment: eval/transfer_knn_acc, eval/transfer_linear_acc (streamssl/evaluate/transfer.py).
+    transfer_dataset: str | None = None
     # The same architecture evaluated once per stream at its random init (cached in the run
     # directory): the baseline the stream's accuracy is plotted against in MLflow.
     random_init_baseline: bool = True

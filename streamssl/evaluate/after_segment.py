@@ -160,8 +160,11 @@ def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, 
     """
     from streamssl.export import load_encoder
 
+    from streamssl.evaluate.transfer import transfer_metrics
+
     encoder = load_encoder(ckpt_dir)
     metrics = evaluate_encoder_on_config(cfg, encoder, plan_meta)
+    metrics.update(transfer_metrics(cfg, encoder))
     if cfg.eval.diagnostics:
         metrics.update(drift_and_sharpness(cfg, ckpt_dir, prev_ckpt, encoder=encoder))
     row: dict[str, list[float]] = {}
@@ -278,9 +281,11 @@ def evaluate_random_init(cfg: Config) -> dict[str, float]:
 
     from streamssl.ssl import build_method, model_init_seed
 
+    from streamssl.evaluate.transfer import transfer_metrics
+
     torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 (and every joint segment) starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
-    return evaluate_encoder_on_config(cfg, model, None)
+    return {**evaluate_encoder_on_config(cfg, model, None), **transfer_metrics(cfg, model)}
 
 
 def raw_pixels_module(mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
@@ -306,8 +311,11 @@ def evaluate_raw_pixels(cfg: Config) -> dict[str, float]:
     having at all (on Fashion-MNIST it is stronger than any random-init encoder)."""
     from streamssl.ssl.augment import normalization
 
+    from streamssl.evaluate.transfer import transfer_metrics
+
     mean, std = normalization(cfg.ssl.augment, cfg.data.channels)
-    return evaluate_encoder_on_config(cfg, raw_pixels_module(mean, std), None)
+    pixels = raw_pixels_module(mean, std)
+    return {**evaluate_encoder_on_config(cfg, pixels, None), **transfer_metrics(cfg, pixels)}
 
 
 def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

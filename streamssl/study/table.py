@@ -43,8 +43,11 @@ import numpy as np
 from streamssl.study.spec import JOINT, RANDOM_INIT, RAW_PIXELS, REFERENCES, Cell
 
 PROBES = ("linear", "knn", "fewshot")
+# The same probes on a downstream dataset (eval.transfer_dataset), when the study sets one.
+TRANSFER = ("transfer_linear", "transfer_knn")
 COLUMNS = ("protocol", "strategy", "seeds",
            "linear_mean", "linear_std", "knn_mean", "knn_std", "fewshot_mean", "fewshot_std",
+           "transfer_linear_mean", "transfer_knn_mean",
            "forgetting_linear", "forgetting_knn", "gap_to_joint_linear", "gap_to_joint_knn",
            "gap_to_joint_linear_ci95", "gap_to_joint_linear_p", "gap_to_joint_knn_ci95", "gap_to_joint_knn_p",
            "gain_over_random_init_linear", "gain_over_raw_pixels_linear", "gain_over_raw_pixels_knn",
@@ -85,7 +88,7 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
             return None
         m = doc.get("metrics") or {}
         return CellOutcome(cell.protocol, cell.strategy, cell.seed,
-                           final={k: _f(m.get(f"eval/{k}_acc")) for k in PROBES}, images_processed=0.0,
+                           final={k: _f(m.get(f"eval/{k}_acc")) for k in PROBES + TRANSFER}, images_processed=0.0,
                            wall_s=_f(doc.get("eval_s")), run_dir=str(d))
     if not has_results(d):
         return None
@@ -101,7 +104,7 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
         train = s.metrics.get("compute/train_images", s.metrics.get("train/images_seen", 0.0))
         images += _f(train) + _f(s.metrics.get("compute/importance_images", 0.0))
     return CellOutcome(cell.protocol, cell.strategy, cell.seed,
-                       final={k: _f(final.get(f"eval/{k}_acc")) for k in PROBES}, forgetting=forgetting,
+                       final={k: _f(final.get(f"eval/{k}_acc")) for k in PROBES + TRANSFER}, forgetting=forgetting,
                        curve=curve, images_processed=images, wall_s=run.wall_s, run_dir=str(d))
 
 
@@ -172,6 +175,8 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
         for p in PROBES:
             row[f"{p}_mean"] = _mean(o.final.get(p, float("nan")) for o in cells)
             row[f"{p}_std"] = _std(o.final.get(p, float("nan")) for o in cells)
+        for p in TRANSFER:
+            row[f"{p}_mean"] = _mean(o.final.get(p, float("nan")) for o in cells)
         for p in ("linear", "knn"):
             row[f"forgetting_{p}"] = _mean(o.forgetting.get(p, float("nan")) for o in cells)
             stats = paired_t(paired_diffs(cells, JOINT, p)) if strategy != JOINT else PairedStats()
@@ -226,7 +231,8 @@ def _gap(r: dict[str, Any], probe: str) -> str:
 
 def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
     """``study.md``: the same rows, readable; accuracies in %, gaps in percentage points."""
-    header = ["protocol", "strategy", "seeds", "linear %", "kNN %", "few-shot %", "forgetting lin / kNN (pp)",
+    header = ["protocol", "strategy", "seeds", "linear %", "kNN %", "few-shot %", "transfer lin / kNN %",
+              "forgetting lin / kNN (pp)",
               "gap to joint lin / kNN (pp)", "vs random init lin (pp)", "vs raw pixels lin / kNN (pp)",
               "images processed", "wall s",
               "CKA to joint"]
@@ -241,7 +247,8 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
         lines.append("| " + " | ".join([
             r["protocol"], r["strategy"], str(r["seeds"]),
             _pct(r["linear_mean"], r["linear_std"]), _pct(r["knn_mean"], r["knn_std"]),
-            _pct(r["fewshot_mean"], r["fewshot_std"]), forget, gap,
+            _pct(r["fewshot_mean"], r["fewshot_std"]),
+            f"{_pct(r['transfer_linear_mean'])} / {_pct(r['transfer_knn_mean'])}", forget, gap,
             "—" if r["strategy"] in REFERENCES else _pp(r["gain_over_random_init_linear"]),
             "—" if r["strategy"] in REFERENCES else
             f"{_pp(r['gain_over_raw_pixels_linear'])} / {_pp(r['gain_over_raw_pixels_knn'])}",
@@ -255,5 +262,6 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
               "paired t-test's p-value) and against the untrained encoder and raw pixels. Forgetting: average forgetting "
               "over earlier segments' test classes (class-incremental protocols only). Images processed: "
               "forward + backward passes in training, replay and importance passes included; joint "
-              "retrains from scratch after every segment.", ""]
+              "retrains from scratch after every segment. Transfer: the same probes fitted on a downstream "
+              "dataset's train split and scored on its test split (eval.transfer_dataset; n/a without one).", ""]
     return "\n".join(lines)
