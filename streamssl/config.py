@@ -180,6 +180,9 @@ class EvalConfig(_Section):
     # A second ingested dataset (train + test splits) probed as a downstream task after every
     # segment: eval/transfer_knn_acc, eval/transfer_linear_acc (streamssl/evaluate/transfer.py).
     transfer_dataset: str | None = None
+    # The probes again after re-estimating BatchNorm statistics on the probe's train images:
+    # separates BatchNorm drift from weight forgetting (streamssl/evaluate/bn_recalibration.py).
+    bn_recalibration: bool = False
     # The same architecture evaluated once per stream at its random init (cached in the run
     # directory): the baseline the stream's accuracy is plotted against in MLflow.
     random_init_baseline: bool = True

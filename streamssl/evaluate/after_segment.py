@@ -160,11 +160,13 @@ def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, 
     """
     from streamssl.export import load_encoder
 
+    from streamssl.evaluate.bn_recalibration import bn_recalibration_metrics
     from streamssl.evaluate.transfer import transfer_metrics
 
     encoder = load_encoder(ckpt_dir)
     metrics = evaluate_encoder_on_config(cfg, encoder, plan_meta)
     metrics.update(transfer_metrics(cfg, encoder))
+    metrics.update(bn_recalibration_metrics(cfg, encoder, plan_meta))
     if cfg.eval.diagnostics:
         metrics.update(drift_and_sharpness(cfg, ckpt_dir, prev_ckpt, encoder=encoder))
     row: dict[str, list[float]] = {}

@@ -1,4 +1,5 @@
-"""The study's figures: accuracy along the stream, gap to joint, CKA to joint (matplotlib, Agg)."""
+"""The study's figures: accuracy along the stream, gap to joint, CKA to joint, compute against
+accuracy (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from streamssl.study.spec import JOINT, RANDOM_INIT, REFERENCES
 from streamssl.study.table import CellOutcome
 
-PLOT_FILES = ("accuracy_along_stream.png", "gap_to_joint.png", "cka_to_joint.png")
+PLOT_FILES = ("accuracy_along_stream.png", "gap_to_joint.png", "cka_to_joint.png", "compute_vs_accuracy.png")
 
 
 def _plt() -> Any:
@@ -97,13 +98,53 @@ def _heatmap(rows: Sequence[dict[str, Any]], key: str, path: str | Path, title: 
     return Path(path)
 
 
+def plot_compute_vs_accuracy(rows: Sequence[dict[str, Any]], path: str | Path, probe: str = "linear") -> Path | None:
+    """One panel per protocol: each strategy's final accuracy (mean over seeds) against the images
+    it processed over the stream (training, replay and importance passes; joint retrains from
+    scratch at every segment), on a log scale; the reference rows as horizontal lines."""
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    if not protocols:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.2 * len(protocols), 3.4), squeeze=False)
+    drawn = False
+    for ax, protocol in zip(axes[0], protocols):
+        for r in (r for r in rows if r["protocol"] == protocol):
+            acc = r.get(f"{probe}_mean", float("nan"))
+            if not math.isfinite(acc):
+                continue
+            if r["strategy"] in REFERENCES:
+                ax.axhline(100 * acc, color="grey" if r["strategy"] == RANDOM_INIT else "black",
+                           linestyle="--" if r["strategy"] == RANDOM_INIT else ":", label=r["strategy"])
+                continue
+            images = r.get("images_processed", float("nan"))
+            if math.isfinite(images) and images > 0:
+                ax.scatter([images], [100 * acc], s=40 if r["strategy"] == JOINT else 25,
+                           color="black" if r["strategy"] == JOINT else None, label=r["strategy"])
+                drawn = True
+        ax.set_xscale("log")
+        ax.set_title(protocol)
+        ax.set_xlabel("images processed over the stream")
+        ax.set_ylabel(f"final {probe} probe accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def render_study_plots(rows: Sequence[dict[str, Any]], outcomes: Sequence[CellOutcome], out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     made = [
         plot_accuracy_along_stream(outcomes, out / PLOT_FILES[0]),
         _heatmap(rows, "gap_to_joint_linear", out / PLOT_FILES[1], "linear probe: gap to joint (pp)", 100.0,
                  "+.1f", (JOINT, *REFERENCES)),
-        _heatmap(rows, "cka_to_joint", out / PLOT_FILES[2], "final encoder: linear CKA to joint", 1.0, ".3f",
-                 (JOINT, *REFERENCES)),
+        _heatmap(rows, "cka_to_joint", out / PLOT_FILES[2],
+                 "final encoder: linear CKA to joint (joint: to other seeds)", 1.0, ".3f", REFERENCES),
+        plot_compute_vs_accuracy(rows, out / PLOT_FILES[3]),
     ]
     return [p for p in made if p is not None]

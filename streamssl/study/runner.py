@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from streamssl.config import Config, config_from_dict
 from streamssl.study.spec import JOINT, RANDOM_INIT, REFERENCES, Cell, cell_config, load_study
 from streamssl.study.table import CellOutcome, aggregate, markdown, read_outcome, write_csv
@@ -97,7 +99,8 @@ def collect_outcomes(cells: list[Cell], study_dir: str | Path) -> list[CellOutco
 
 
 def add_cka_to_joint(cells: list[Cell], outcomes: list[CellOutcome]) -> None:
-    """Linear CKA of each sequential final encoder to the joint final encoder (same protocol, seed).
+    """Linear CKA of each sequential final encoder to the joint final encoder (same protocol, seed);
+    for the joint cells, the noise floor: mean CKA to the joint encoders of the other seeds.
 
     Features on the first images of the cell's held-out split (the per-segment diagnostics'
     fixed probe set, :func:`streamssl.evaluate.after_segment.probe_images`).
@@ -122,9 +125,22 @@ def add_cka_to_joint(cells: list[Cell], outcomes: list[CellOutcome]) -> None:
             if d not in cache:
                 cache[d] = fn(d)
         o.cka_to_joint = linear_cka(cache[o.run_dir], cache[joint.run_dir])
-    joint_cells = [o for o in outcomes if o.strategy == JOINT]
-    for o in joint_cells:
-        o.cka_to_joint = 1.0
+    # Joint's own entry is the noise floor: CKA between joint encoders of different seeds (same
+    # protocol), what seed alone moves the representation by; NaN with one joint seed.
+    for o in outcomes:
+        if o.strategy != JOINT or o.run_dir is None:
+            continue
+        others = [j for j in outcomes if j.strategy == JOINT and j.protocol == o.protocol
+                  and j.seed != o.seed and j.run_dir is not None]
+        if not others:
+            o.cka_to_joint = float("nan")
+            continue
+        cfg = config_from_dict(cfg_of[(o.protocol, JOINT, o.seed)])
+        fn = feature_fns.setdefault(cfg.data.dataset_dir, encoder_features(probe_images(cfg)))
+        for d in (o.run_dir, *(j.run_dir for j in others)):
+            if d not in cache:
+                cache[d] = fn(d)
+        o.cka_to_joint = float(np.mean([linear_cka(cache[o.run_dir], cache[j.run_dir]) for j in others]))
 
 
 def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, cka: bool = True) -> dict[str, Any]:

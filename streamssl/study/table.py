@@ -26,7 +26,8 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
 * ``wall_s``: the stream driver's wall time (training, start-up and evaluation), mean over seeds;
   for a reference row (random init, raw pixels), the one evaluation's time.
 * ``cka_to_joint``: linear CKA between the cell's final encoder and the joint final encoder of
-  the same protocol and seed, on a fixed probe set (1 = same representation up to rotation/scale).
+  the same protocol and seed, on a fixed probe set (1 = same representation up to rotation/scale);
+  on the joint row, the noise floor: CKA between joint encoders of different seeds (n/a with one).
 """
 
 from __future__ import annotations
