@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import json
 import os
 import shlex
 import shutil
@@ -228,28 +229,36 @@ def _stop_head(proc: subprocess.Popen) -> None:
             p.kill()
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """(dashboard URL, auth token) of a private single-node Ray cluster on 127.0.0.1."""
-    temp_dir = tempfile.mkdtemp(prefix="ssj", dir="/tmp")  # short: Ray's socket paths have a limit
-    token = uuid.uuid4().hex
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
+def _ray_env(token: str) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # The job's `python` must be this interpreter: put the virtualenv first on the head's PATH.
     env.update(PATH=venv_bin + os.pathsep + env.get("PATH", ""), RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
-    cmd = [str(Path(venv_bin) / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "true",
-           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
-           "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
-           *[f"--{k}={v}" for k, v in ports.items()]]
+    return env
+
+
+def _start_node(args: list[str], token: str, temp_dir: str, log_name: str) -> subprocess.Popen:
+    """`ray start ... --block` in its own session, output to a log file in ``temp_dir``."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    with open(Path(temp_dir) / log_name, "w") as log:
+        return subprocess.Popen([ray_bin, "start", "--block", *args], env=_ray_env(token), stdout=log,
+                                stderr=subprocess.STDOUT, cwd=temp_dir, start_new_session=True)
+
+
+@contextlib.contextmanager
+def _private_head(num_cpus: int = 2):
+    """(dashboard URL, auth token, GCS address, temp dir) of a private Ray head on 127.0.0.1."""
+    temp_dir = tempfile.mkdtemp(prefix="ssj", dir="/tmp")  # short: Ray's socket paths have a limit
+    token = uuid.uuid4().hex
+    ports = {name: _free_port() for name in (
+        "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
+    proc = _start_node(["--head", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+                        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
+                        "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
+                        *[f"--{k}={v}" for k, v in ports.items()]], token, temp_dir, "ray-start.log")
     log_path = Path(temp_dir) / "ray-start.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir,
-                                start_new_session=True)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.monotonic() + 120
@@ -266,10 +275,17 @@ def ray_head():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"dashboard not up after 120 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, token
+        yield url, token, f"127.0.0.1:{ports['port']}", temp_dir
     finally:
         _stop_head(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """(dashboard URL, auth token) of a private single-node Ray cluster on 127.0.0.1."""
+    with _private_head() as (url, token, _, _):
+        yield url, token
 
 
 def test_real_job_succeeds_ships_working_dir_and_streams_logs(ray_head, monkeypatch, capsys):
@@ -390,3 +406,54 @@ def test_real_stream_job_trains_and_records_mlflow_runs(ray_head, tiny_dataset, 
     assert [s.data.tags["segment"] for s in segs] == ["0"] and segs[0].info.status == "FINISHED"
     assert segs[0].data.tags["checkpoint"] == str(run_dir / "checkpoints" / "segment-000")
     assert any(k.endswith("train/loss") for k in segs[0].data.metrics)
+
+
+@pytest.mark.slow
+def test_submit_trains_on_a_second_node_joined_with_ray_start(tiny_dataset, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """`streamssl submit` to a cluster made as on real machines: `ray start --head`, then a second
+    `ray start --address HEAD` node that alone carries the `train_node` resource the run's workers
+    ask for (`scaling.resources_per_worker`), so the job's driver runs on the head and both Ray Train
+    workers on the second node."""
+    from tests.tiny_stream import IMAGE_SIZE
+
+    # The second node keeps its own session directory, as on a machine of its own (two nodes
+    # sharing one would garbage-collect each other's runtime-env files, the job's working dir).
+    node_dir = tempfile.mkdtemp(prefix="ssn", dir="/tmp")
+    with _private_head(num_cpus=1) as (url, token, gcs, temp_dir):
+        worker = _start_node(["--address", gcs, "--temp-dir", node_dir, "--node-ip-address", "127.0.0.1",
+                              "--num-cpus", "2",
+                              "--num-gpus", "0", "--resources", '{"train_node": 2}',
+                              "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
+                              f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+                              f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                              f"--dashboard-agent-listen-port={_free_port()}",
+                              f"--dashboard-agent-grpc-port={_free_port()}"], token, temp_dir, "ray-worker.log")
+        try:
+            headers = {"Authorization": f"Bearer {token}"}
+            deadline = time.monotonic() + 120
+            while True:  # the second node has joined when the cluster advertises its resource
+                nodes = requests.get(f"{url}/nodes?view=summary", headers=headers, timeout=5).json()
+                alive = [n for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
+                if len(alive) == 2:
+                    break
+                assert worker.poll() is None, (Path(temp_dir) / "ray-worker.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the second node did not join"
+                time.sleep(1)
+            monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+            run_dir = tmp_path / "run"
+            overrides = [f"run_dir={run_dir}", f"data.dataset_dir={tiny_dataset}", "data.source=folder",
+                         f"data.image_size={IMAGE_SIZE}", "stream.segments=2", "ssl.width=8",
+                         "ssl.proj_hidden_dim=32", "ssl.proj_dim=16", "optim.batch_size=8",
+                         "optim.steps_per_segment=4", "replay.size=0", "eval.enabled=false",
+                         "tracking.enabled=false", "scaling.cpus_per_worker=0.5",
+                         'scaling.resources_per_worker={"train_node": 1}']
+            result = submit(url, CONFIG, overrides, follow=True, timeout_s=600)
+            out = capsys.readouterr().out
+            assert result.status == "SUCCEEDED" and result.exit_code == 0, out[-4000:]
+        finally:
+            _stop_head(worker)
+            shutil.rmtree(node_dir, ignore_errors=True)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert [c["segment"] for c in state["completed"]] == [0, 1]
+    metas = [json.loads((run_dir / "checkpoints" / f"segment-{t:03d}" / "meta.json").read_text()) for t in (0, 1)]
+    assert metas[1]["init_digest"] == metas[0]["final_digest"]
