@@ -21,6 +21,9 @@ def ray_local() -> Iterator[str]:
     started = False
     if not ray.is_initialized():
         ray.init(
+            # "local": always a cluster of this session's own, never one that `ray start` (a job
+            # test, another session) registered on this machine.
+            address="local",
             num_cpus=int(os.environ.get("STREAMSSL_TEST_RAY_CPUS", "2")),
             include_dashboard=False,
             # A bounded object store: the machine is shared and test datasets are tiny.

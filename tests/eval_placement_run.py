@@ -26,7 +26,7 @@ def main(config_path: str, num_gpus: float, out_path: str) -> None:
     from streamssl.train.callbacks import StreamCallback
     from streamssl.train.driver import StreamRunner
 
-    ray.init(num_cpus=2, num_gpus=num_gpus, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=2, num_gpus=num_gpus, include_dashboard=False, configure_logging=False,
              object_store_memory=400 << 20)
     events: list[list[Any]] = []
     lowest_free = [float(num_gpus)]
