@@ -725,3 +725,19 @@ def test_strategy_registry_builds_cassle_and_lump():
     assert [type(p) for p in lump.plugins] == [ReplayPlugin, LUMP] and lump.name == "lump+replay(reservoir,30)"
     with pytest.raises(Exception, match="replay.size"):
         build_strategy(_cfg(strategy="lump"))
+
+
+def test_plugin_modules_reach_the_optimizer_beside_the_method():
+    from streamssl.ssl import build_method
+    from streamssl.train.worker import TrainedModules
+
+    cfg = _cfg(strategy="cassle", ssl={"width": 4, "proj_hidden_dim": 16, "proj_dim": 8})
+    method, strategy = build_method(cfg.ssl, 1), build_strategy(cfg)
+    strategy.before_segment(SegmentContext(segment=1, steps_in_segment=2, start_step=0, model=method, rank=0, world=1,
+                                           seed=0, previous_model=method.state_dict()))
+    trained = TrainedModules(method, strategy.trainable_modules())
+    predictor = strategy.worker_plugins[0].predictor
+    ids = {id(p) for p in trained.trainable_parameters()}
+    assert all(id(p) in ids for p in predictor.parameters())
+    assert all(id(p) in ids for p in method.trainable_parameters())
+    assert not any(id(p) in ids for p in strategy.worker_plugins[0].frozen.parameters())  # frozen stays out

@@ -401,9 +401,9 @@ class Strategy:
         for p in self.worker_plugins:
             p.before_segment(ctx)
 
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        """Every worker plugin's own trainable modules, keyed ``<plugin>.<module>``."""
-        return {f"{p.name}.{k}": m for p in self.worker_plugins for k, m in p.trainable_modules().items()}
+    def trainable_modules(self) -> dict[str, dict[str, nn.Module]]:
+        """Every worker plugin's own trainable modules: plugin name -> module name -> module."""
+        return {p.name: mods for p in self.worker_plugins if (mods := p.trainable_modules())}
 
     def before_step(self, ctx: StepContext) -> None:
         for p in self.worker_plugins:
