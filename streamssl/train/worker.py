@@ -9,7 +9,9 @@ group and imports are paid once, not per segment. Each segment runs in phases th
 1. ``_set_up``: the SSL method with this segment's starting weights (the previous segment's, as
    this worker left them or from a published checkpoint; else the HPT initialization, else
    random init) and a new DeepSpeed engine: a fresh optimizer and per-segment LR schedule;
-   after a failure, the engine state of the latest in-segment checkpoint (:func:`_restore_point`);
+   the strategy's worker plugins see the segment start (CaSSLe freezes the previous model) and
+   add their own modules to the engine; after a failure, the engine state of the latest
+   in-segment checkpoint (:func:`_restore_point`);
 2. ``_open_data`` + ``_train_steps``: stream batches from the segment's dataset shard through a
    seeded local shuffle buffer (``data.shuffle_buffer``), + the rows of each extra dataset
    (replay) mixed into every batch (sizes from the driver's ``batch_plan``), make the views the
@@ -290,7 +292,7 @@ class _Fit:
     world: int
     device: torch.device
     dtype: torch.dtype  # of the augmented views (bf16 or fp32)
-    strategy: Any  # the continual strategy's worker plugins (regularizers), carried across segments
+    strategy: Any  # continual.Strategy: its worker plugins carry their state across segments
     channel: Any  # streamssl.train.channel.SegmentChannel (rank 0 reports progress through it)
     last_state: dict[str, torch.Tensor] | None = None  # weights the last finished segment left
     steps_done: int = 0  # optimizer steps of the stream up to the last finished segment
