@@ -16,6 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streamssl.registry import SSL_METHODS, STRATEGIES
+
+# Allowed names come from the registries (one list each); Literal[tuple] is Literal[*names].
+MethodName = Literal[tuple(SSL_METHODS)]  # type: ignore[valid-type]
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (field path + what is allowed)."""
@@ -61,7 +67,7 @@ class StreamConfig(_Section):
 class SSLConfig(_Section):
     """The self-supervised method, its backbone and heads, and the augmentation preset."""
 
-    method: Literal["mocov2", "simclr", "byol", "simsiam", "barlow_twins"] = "mocov2"
+    method: MethodName = "mocov2"  # streamssl/registry.py SSL_METHODS
     backbone: Literal["small_cnn", "resnet18", "resnet50"] = "small_cnn"
     cifar_stem: bool = True  # ResNet: 3x3 stem without max-pool, for 28-64 px images
     width: int = Field(32, ge=4)  # small_cnn base channel count
@@ -75,6 +81,22 @@ class SSLConfig(_Section):
     shuffle_bn: bool = True  # MoCo: key BN statistics from a shuffled batch, not the query's
     shuffle_bn_groups: int = Field(2, ge=1)  # MoCo shuffle-BN with one worker: key groups per batch
     barlow_lambda: float = Field(5e-3, ge=0)
+    # VICReg (Bardes et al., 2022): weights of the invariance, variance and covariance terms.
+    vicreg_sim_coeff: float = Field(25.0, ge=0)
+    vicreg_std_coeff: float = Field(25.0, ge=0)
+    vicreg_cov_coeff: float = Field(1.0, ge=0)
+    # DINO (Caron et al., 2021): prototypes, temperatures, centering, multi-crop (see ssl/dino.py).
+    dino_out_dim: int = Field(4096, ge=2)  # prototypes of the head's last layer
+    dino_student_temp: float = Field(0.1, gt=0)
+    dino_warmup_teacher_temp: float = Field(0.04, gt=0)  # teacher temperature at step 0 ...
+    dino_teacher_temp: float = Field(0.07, gt=0)  # ... reached linearly after the warm-up
+    dino_teacher_temp_warmup_steps: int = Field(500, ge=0)  # stream-global optimizer steps
+    dino_momentum: float = Field(0.996, ge=0, le=1)  # teacher EMA at a segment's start, cosine to 1 at its end
+    dino_center_momentum: float = Field(0.9, ge=0, lt=1)
+    dino_global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    dino_local_crops: int = Field(6, ge=0)
+    dino_local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    dino_local_crop_size: int | None = Field(None, ge=4)  # None: 96/224 of data.image_size, as the paper
     augment: Literal["grayscale_small", "rgb_imagenet"] = "grayscale_small"
 
 
@@ -113,6 +135,14 @@ class RegularizationConfig(_Section):
     method: Literal["none", "mas", "ewc", "l2sp"] = "none"
     lambda_: float = Field(1.0, ge=0, alias="lambda")
     importance_batches: int = Field(20, ge=1)  # batches used to estimate MAS/EWC importance
+
+
+class ContinualConfig(_Section):
+    """Settings of the ``strategy`` plugins that have any (CaSSLe, LUMP)."""
+
+    cassle_weight: float = Field(1.0, ge=0)  # distillation loss weight (the paper adds it with weight 1)
+    cassle_pred_hidden_dim: int = Field(512, ge=8)  # the 2-layer predictor's hidden width
+    lump_alpha: float = Field(0.1, gt=0)  # mixup coefficient lambda ~ Beta(alpha, alpha)
 
 
 class InitConfig(_Section):
@@ -226,14 +256,16 @@ class Config(_Section):
     run_dir: str | None = None  # None = runs/<name>-<time>
     seed: int = 0
     # naive: segment t only, from t-1's weights (+ replay / regularization plugins);
-    # joint: a fresh model on segments 0..t; cumulative: segments 0..t from t-1's weights.
-    strategy: Literal["naive", "joint", "cumulative"] = "naive"
+    # joint: a fresh model on segments 0..t; cumulative: segments 0..t from t-1's weights;
+    # cassle: distill from the frozen previous model; lump: mixup with replayed rows (needs replay).
+    strategy: StrategyName = "naive"  # streamssl/registry.py STRATEGIES
     data: DataConfig = Field(default_factory=DataConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     ssl: SSLConfig = Field(default_factory=SSLConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     init: InitConfig = Field(default_factory=InitConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -251,6 +283,8 @@ class Config(_Section):
     def _consistent(self) -> "Config":
         if self.strategy in ("joint", "cumulative") and self.replay.size > 0:
             raise ValueError(f"strategy {self.strategy!r} already trains on all past data; set replay.size=0")
+        if self.strategy == "lump" and self.replay.size == 0:
+            raise ValueError("strategy 'lump' mixes current with replayed images: set replay.size > 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,9 +35,23 @@ def test_unknown_key_names_field_and_allowed_keys():
 
 def test_bad_literal_lists_allowed_values():
     with pytest.raises(ConfigError) as e:
-        load_config(DEFAULT, ["ssl.method=dino"])
+        load_config(DEFAULT, ["ssl.method=swav"])
     msg = str(e.value)
-    assert "ssl.method" in msg and "'dino'" in msg and "mocov2" in msg and "barlow_twins" in msg
+    assert "ssl.method" in msg and "'swav'" in msg and "mocov2" in msg and "barlow_twins" in msg
+
+
+def test_method_and_strategy_values_come_from_the_registries():
+    from streamssl.registry import SSL_METHODS, STRATEGIES
+
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["ssl.method=swav", "strategy=ewc"])
+    lines = {line.split(":")[0].strip(): line for line in str(e.value).splitlines()[1:]}
+    assert all(f"'{name}'" in lines["ssl.method"] for name in SSL_METHODS)
+    assert all(f"'{name}'" in lines["strategy"] for name in STRATEGIES)
+    for name in SSL_METHODS:
+        assert load_config(DEFAULT, [f"ssl.method={name}"]).ssl.method == name
+    with pytest.raises(ConfigError, match="replay.size"):
+        load_config(DEFAULT, ["strategy=lump", "replay.size=0"])  # LUMP mixes with replayed rows: needs a buffer
 
 
 def test_bad_number_names_field():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from streamssl.config import Config
+from streamssl.continual.cassle import CaSSLe
+from streamssl.continual.context import SegmentContext, StepContext
+from streamssl.continual.lump import LUMP, mixup_views
+from streamssl.ssl.base import SSLMethod, StepClock, StepOutput
 from streamssl.continual import (
     EWC,
     L2SP,
@@ -276,8 +281,8 @@ def test_mas_importance_matches_the_hand_computation():
     w = m.backbone.weight.detach().clone()
     b1, b2, b3 = (_x(1, 4), _x(2, 4)), (_x(3, 2), _x(4, 2)), (_x(5, 3), _x(6, 3))
     reg = MAS(lambda_=1.0)
-    assert reg.penalty(m).item() == 0.0  # nothing learned yet
-    reg.after_segment(m, iter([b1, b2, b3]), _no_loss, max_batches=2)  # b3 is beyond max_batches
+    assert reg.quadratic_penalty(m).item() == 0.0  # nothing learned yet
+    reg.estimate(m, iter([b1, b2, b3]), _no_loss, max_batches=2)  # b3 is beyond max_batches
     expected = _mas_by_hand(w, torch.cat([b1[0], b2[0]]))
     assert set(reg.omega) == {"backbone.weight"} == set(reg.anchor)  # heads and EMA target excluded
     assert torch.allclose(reg.omega["backbone.weight"], expected, atol=1e-6)
@@ -292,11 +297,11 @@ def _two_mas_segments(reg: MAS) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     m = Tiny()
     xa, xb = _x(10, 5), _x(11, 5)
     w1 = m.backbone.weight.detach().clone()
-    reg.after_segment(m, [(xa, xa)], _no_loss, 1)
+    reg.estimate(m, [(xa, xa)], _no_loss, 1)
     with torch.no_grad():
         m.backbone.weight.mul_(-1.5).add_(0.2)
     w2 = m.backbone.weight.detach().clone()
-    reg.after_segment(m, [(xb, xb)], _no_loss, 1)
+    reg.estimate(m, [(xb, xb)], _no_loss, 1)
     return _mas_by_hand(w1, xa), _mas_by_hand(w2, xb), w2
 
 
@@ -331,7 +336,7 @@ def test_ewc_fisher_matches_the_hand_computation_and_decays_online():
     w1 = m.backbone.weight.detach().clone()
     pairs = [(_x(20, 4), _x(21, 4)), (_x(22, 4), _x(23, 4))]
     reg = EWC(lambda_=2.0, gamma=0.5)
-    reg.after_segment(m, iter(pairs), m.ssl_loss, max_batches=5)
+    reg.estimate(m, iter(pairs), m.ssl_loss, max_batches=5)
     f1 = _ewc_by_hand(w1, pairs)
     assert torch.allclose(reg.omega["backbone.weight"], f1, rtol=1e-5, atol=1e-6)
     # The head does not enter this loss: zero Fisher; the frozen target is not regularized.
@@ -343,7 +348,7 @@ def test_ewc_fisher_matches_the_hand_computation_and_decays_online():
         m.backbone.weight.add_(0.3)
     w2 = m.backbone.weight.detach().clone()
     pairs2 = [(_x(30, 3), _x(31, 3))]
-    reg.after_segment(m, iter(pairs2), m.ssl_loss, max_batches=5)
+    reg.estimate(m, iter(pairs2), m.ssl_loss, max_batches=5)
     expected = 0.5 * f1 + _ewc_by_hand(w2, pairs2)
     assert torch.allclose(reg.omega["backbone.weight"], expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(reg.anchor["backbone.weight"], w2)
@@ -353,8 +358,8 @@ def test_penalty_is_zero_at_the_anchor_and_matches_the_hand_value_when_displaced
     m = Tiny()
     pairs = [(_x(40, 4), _x(41, 4))]
     reg = EWC(lambda_=3.0)
-    reg.after_segment(m, pairs, m.ssl_loss, 1)
-    assert reg.penalty(m).item() == 0.0
+    reg.estimate(m, pairs, m.ssl_loss, 1)
+    assert reg.quadratic_penalty(m).item() == 0.0
     delta = torch.tensor([[0.1, -0.2, 0.3], [0.05, 0.0, -0.4]])
     with torch.no_grad():
         m.backbone.weight.add_(delta)
@@ -362,7 +367,7 @@ def test_penalty_is_zero_at_the_anchor_and_matches_the_hand_value_when_displaced
         m.target.weight.add_(5.0)  # frozen EMA network: not regularized
     omega = reg.omega["backbone.weight"]
     expected = 0.5 * 3.0 * (omega * delta**2).sum()
-    pen = reg.penalty(m)
+    pen = reg.quadratic_penalty(m)
     assert pen.dtype == torch.float32
     assert torch.allclose(pen, expected, rtol=1e-5)
 
@@ -373,32 +378,32 @@ def test_penalty_is_zero_at_the_anchor_and_matches_the_hand_value_when_displaced
     with torch.no_grad():
         m.backbone.weight.sub_(0.01 * m.backbone.weight.grad)
     after = (m.backbone.weight - reg.anchor["backbone.weight"]).abs().sum().item()
-    assert after < before and reg.penalty(m).item() < pen.item()
+    assert after < before and reg.quadratic_penalty(m).item() < pen.item()
 
 
 def test_parameters_missing_from_the_anchor_are_skipped():
     m = Tiny()
     reg = L2SP(lambda_=1.0)
-    reg.after_segment(m, _no_batches(), _no_loss, 10)  # L2-SP needs no data
+    reg.estimate(m, _no_batches(), _no_loss, 10)  # L2-SP needs no data
     assert set(reg.anchor) == {"backbone.weight", "head.weight", "head.bias"} and not reg.omega
     del reg.anchor["head.weight"]
     with torch.no_grad():
         m.head.weight.add_(1.0)
         m.backbone.weight.add_(0.5)
-    assert torch.allclose(reg.penalty(m), torch.tensor(0.5 * 6 * 0.25))
+    assert torch.allclose(reg.quadratic_penalty(m), torch.tensor(0.5 * 6 * 0.25))
 
 
 def test_l2sp_pulls_toward_the_previous_segment_weights():
     m = Tiny()
     reg = L2SP(lambda_=0.5)
-    reg.after_segment(m, [], _no_loss, 1)
+    reg.estimate(m, [], _no_loss, 1)
     with torch.no_grad():
         m.backbone.weight.add_(1.0)
-    reg.after_segment(m, [], _no_loss, 1)  # anchor moves to the end of the latest segment
-    assert reg.penalty(m).item() == 0.0
+    reg.estimate(m, [], _no_loss, 1)  # anchor moves to the end of the latest segment
+    assert reg.quadratic_penalty(m).item() == 0.0
     with torch.no_grad():
         m.head.bias.add_(torch.tensor([0.2, -0.4]))
-    assert torch.allclose(reg.penalty(m), torch.tensor(0.5 * 0.5 * (0.04 + 0.16)))
+    assert torch.allclose(reg.quadratic_penalty(m), torch.tensor(0.5 * 0.5 * (0.04 + 0.16)))
 
 
 def test_bf16_module_keeps_float32_state_and_penalty():
@@ -407,7 +412,7 @@ def test_bf16_module_keeps_float32_state_and_penalty():
     w = m.backbone.weight.detach().float()
     mas, ewc = MAS(lambda_=1.0), EWC(lambda_=1.0)
     for reg in (mas, ewc):
-        reg.after_segment(m, pairs, m.ssl_loss, 1)
+        reg.estimate(m, pairs, m.ssl_loss, 1)
         assert all(v.dtype == torch.float32 for v in [*reg.omega.values(), *reg.anchor.values()])
         assert torch.equal(reg.anchor["backbone.weight"], w)
     # MAS runs on a float32 copy: the same value as by hand from the (bf16-rounded) weights.
@@ -415,7 +420,7 @@ def test_bf16_module_keeps_float32_state_and_penalty():
     with torch.no_grad():
         m.backbone.weight.add_(0.25)
     for reg in (mas, ewc):
-        pen = reg.penalty(m)
+        pen = reg.quadratic_penalty(m)
         assert pen.dtype == torch.float32 and pen.item() > 0
         m.zero_grad()
         pen.backward()
@@ -426,7 +431,7 @@ def test_state_dict_round_trip_through_weights_only_load(tmp_path):
     m = Tiny()
     pairs = [(_x(60, 4), _x(61, 4))]
     for reg, fresh in ((MAS(2.0), MAS(2.0)), (EWC(2.0), EWC(2.0)), (L2SP(2.0), L2SP(2.0))):
-        reg.after_segment(m, pairs, m.ssl_loss, 1)
+        reg.estimate(m, pairs, m.ssl_loss, 1)
         torch.save(reg.state_dict(), tmp_path / "s.pt")
         fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
         assert fresh.segments == 1 and fresh.omega.keys() == reg.omega.keys()
@@ -434,11 +439,11 @@ def test_state_dict_round_trip_through_weights_only_load(tmp_path):
         assert all(torch.equal(fresh.anchor[k], reg.anchor[k]) for k in reg.anchor)
         with torch.no_grad():
             m.backbone.weight.add_(0.1)
-        assert torch.equal(fresh.penalty(m), reg.penalty(m)) and reg.penalty(m).item() > 0
+        assert torch.equal(fresh.quadratic_penalty(m), reg.quadratic_penalty(m)) and reg.quadratic_penalty(m).item() > 0
         fresh.save(tmp_path / "plug")  # the plugin-level save/load goes through the same state
         again = type(reg)(2.0)
         again.load(tmp_path / "plug")
-        assert torch.equal(again.penalty(m), reg.penalty(m))
+        assert torch.equal(again.quadratic_penalty(m), reg.quadratic_penalty(m))
     with pytest.raises(ValueError, match="not 'ewc'"):
         EWC().load_state_dict(MAS().state_dict())
 
@@ -453,11 +458,11 @@ def test_importance_on_a_real_ssl_method_restores_its_buffers():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.rand(4, 1, 12, 12)
     for reg in (MAS(), EWC()):
-        reg.after_segment(m, [(x, x.flip(-1))], lambda a, b: m(a, b)["loss"], 1)
+        reg.estimate(m, [(x, x.flip(-1))], lambda a, b: m(a, b)["loss"], 1)
         assert reg.omega and all(torch.isfinite(v).all() for v in reg.omega.values())
         assert not any(k.startswith("key_encoder") or k.startswith("target") for k in reg.anchor)
         assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
-        assert reg.penalty(m).item() == 0.0
+        assert reg.quadratic_penalty(m).item() == 0.0
 
 
 # --------------------------------------------------------------------------- the composed strategy
@@ -467,10 +472,16 @@ def _cfg(**sections) -> Config:
     return Config.model_validate(sections)
 
 
+def _step_context(model: nn.Module) -> StepContext:
+    x = torch.zeros(2, 1, 4, 4)
+    return StepContext(clock=StepClock(0, 0, 1, 0), views=[x, x], rows={"train": slice(0, 2)}, model=model,
+                       rank=0, world=1, seed=0)
+
+
 def test_build_strategy_composes_the_configured_plugins():
     naive = build_strategy(_cfg())
     assert naive.plugins == [] and naive.name == "naive"
-    assert naive.penalty(Tiny()).item() == 0.0
+    assert naive.loss_terms(_step_context(Tiny())) == {}
     assert naive.segment_data(3) == SegmentData(3, (3,), from_previous=True, extras=())
     joint = build_strategy(_cfg(strategy="joint"))
     assert [type(p) for p in joint.plugins] == [Joint] and joint.name == "joint"
@@ -501,7 +512,8 @@ def test_strategy_driver_and_worker_state_survive_a_resume(tmp_path):
         s.segment_data(0)  # rows of the segment being trained must never come back as replay
     s.save_driver_state(tmp_path)
     m = Tiny()
-    s.after_segment(m, [], _no_loss, 1)
+    s.after_segment(SegmentContext(segment=0, steps_in_segment=1, start_step=0, model=m, rank=0, world=1, seed=0,
+                                   batches=[], loss_fn=_no_loss, max_batches=1))
     torch.save(s.worker_state(), tmp_path / "strategy.pt")
 
     resumed = build_strategy(cfg)
@@ -513,7 +525,8 @@ def test_strategy_driver_and_worker_state_survive_a_resume(tmp_path):
     assert resumed.segment_data(2).extras[0].sample(30, 0).equals(s.segment_data(2).extras[0].sample(30, 0))
     with torch.no_grad():
         m.backbone.weight.add_(0.2)
-    assert torch.equal(resumed.penalty(m), s.penalty(m)) and s.penalty(m).item() > 0
+    (term,) = s.loss_terms(_step_context(m)).values()
+    assert torch.equal(resumed.loss_terms(_step_context(m))["l2sp"], term) and term.item() > 0
 
     with pytest.raises(ValueError, match="does not configure"):
         build_strategy(_cfg(regularization={"method": "mas"})).load_worker_state(s.worker_state())
@@ -565,7 +578,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         n = _SIZES[rank]
         pairs = [(_x(100 + rank, n), _x(200 + rank, n))]
         for reg in (MAS(), EWC()):
-            reg.after_segment(m, pairs, m.ssl_loss, 1)
+            reg.estimate(m, pairs, m.ssl_loss, 1)
             torch.save(reg.state_dict(), Path(out_dir) / f"{reg.name}-{rank}.pt")
         # Both ranks done before either tears gloo down: a rank that exits while its peer is still
         # in a collective can abort the peer's process in gloo's C++ teardown.
@@ -584,3 +597,147 @@ def test_two_process_importance_is_averaged_across_workers(tmp_path):
         assert s0.keys() == s1.keys()
         assert all(torch.equal(s0[k], s1[k]) if torch.is_tensor(s0[k]) else s0[k] == s1[k] for k in s0)
         assert torch.allclose(s0["omega.backbone.weight"], expected[name], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- CaSSLe and LUMP
+
+
+class _LinearMethod(SSLMethod):
+    """A method whose projection is one linear map and whose own loss is the mean squared error:
+    small enough to compute CaSSLe's loss by hand."""
+
+    name = "linear"
+
+    def __init__(self, weight: float) -> None:
+        backbone = nn.Linear(2, 2, bias=False)
+        backbone.out_dim = 2  # type: ignore[assignment]
+        super().__init__(backbone)
+        self.projection_dim = 2
+        with torch.no_grad():
+            backbone.weight.copy_(weight * torch.eye(2))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x).float()
+
+    def distill_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((prediction - target.detach()) ** 2).mean()
+
+
+def _cassle_with_identity_predictor(weight: float, current: _LinearMethod, previous: _LinearMethod) -> CaSSLe:
+    plugin = CaSSLe(weight=weight, hidden_dim=2)
+    plugin.before_segment(SegmentContext(segment=1, steps_in_segment=4, start_step=0, model=current, rank=0, world=1,
+                                         seed=0, previous_model=previous.state_dict()))
+    pred = plugin.predictor
+    assert pred is not None
+    with torch.no_grad():  # Linear(I) -> BatchNorm (running mean 0, var 1) -> ReLU -> Linear(I)
+        pred.net[0].weight.copy_(torch.eye(2))
+        pred.net[3].weight.copy_(torch.eye(2))
+        pred.net[3].bias.zero_()
+    pred.eval()
+    return plugin
+
+
+def test_cassle_loss_matches_the_hand_computation():
+    # Current model 2·I, frozen previous model I, predictor ~identity on positive inputs: for a
+    # view x the prediction is 2x/sqrt(1 + eps) and the target x, the method's loss their MSE.
+    # Views [[1, 2]] and [[3, 0]]: MSEs (1 + 4)/2 = 2.5 and (9 + 0)/2 = 4.5, mean 3.5; weight 2.
+    current, previous = _LinearMethod(2.0), _LinearMethod(1.0)
+    plugin = _cassle_with_identity_predictor(2.0, current, previous)
+    assert set(plugin.trainable_modules()) == {"predictor"}
+    views = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.0]])]
+    ctx = StepContext(clock=StepClock(1, 0, 4, 4), views=views, rows={"train": slice(0, 1)}, model=current,
+                      rank=0, world=1, seed=0)
+    ctx.output = StepOutput(torch.zeros(()), projections=tuple(current.project(v) for v in views))
+    scale = 1 / math.sqrt(1 + 1e-5)  # BatchNorm's eps
+    by_hand = 2.0 * (((2 * scale - 1) ** 2 * (1 + 4)) / 2 + ((2 * scale - 1) ** 2 * 9) / 2) / 2
+    (term,) = plugin.loss_terms(ctx).values()
+    assert term.item() == pytest.approx(by_hand, rel=1e-6) and by_hand == pytest.approx(7.0, rel=1e-4)
+    term.backward()  # the predictor is trained by this term
+    assert plugin.predictor.net[0].weight.grad is not None
+    # Segment 0 (no previous model): nothing to distill, no predictor to train.
+    plugin.before_segment(SegmentContext(segment=0, steps_in_segment=4, start_step=0, model=current, rank=0, world=1,
+                                         seed=0))
+    assert plugin.loss_terms(ctx) == {} and plugin.trainable_modules() == {}
+
+
+def test_cassle_frozen_model_and_predictor_survive_a_mid_segment_restart():
+    current, previous = _LinearMethod(2.0), _LinearMethod(1.0)
+    plugin = _cassle_with_identity_predictor(1.0, current, previous)
+    state = plugin.state_dict()
+    assert torch.equal(state["frozen.backbone.weight"], torch.eye(2))
+    restarted = CaSSLe(weight=1.0, hidden_dim=2)
+    restarted.load_state_dict(torch.load(_round_trip(state), weights_only=True))
+    # The restarted worker rebuilds the model from the in-segment checkpoint (trained weights, here
+    # 3·I): the frozen model must still be the previous segment's, not a copy of these.
+    restarted.before_segment(SegmentContext(segment=1, steps_in_segment=4, start_step=2, model=_LinearMethod(3.0),
+                                            rank=0, world=1, seed=0))
+    assert restarted.frozen is not None and torch.equal(restarted.frozen.backbone.weight, torch.eye(2))
+    for (k, a), b in zip(plugin.predictor.state_dict().items(), restarted.predictor.state_dict().values()):
+        assert torch.equal(a, b), k
+    restarted.after_segment(SegmentContext(segment=1, steps_in_segment=4, start_step=2, model=current, rank=0,
+                                           world=1, seed=0))
+    assert not any(k.startswith("frozen.") for k in restarted.state_dict())  # final checkpoints stay small
+
+
+def _round_trip(state: dict) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "strategy.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_lump_mixup_matches_the_hand_computation():
+    own = torch.tensor([[0.0], [4.0]])
+    replay = torch.tensor([[8.0], [12.0]])
+    view = torch.cat([own, replay])
+    (mixed,) = mixup_views([view], slice(0, 2), slice(2, 4), 0.25, np.array([1, 0]))
+    # row 0: 0.25·0 + 0.75·12 = 9; row 1: 0.25·4 + 0.75·8 = 7
+    assert mixed.flatten().tolist() == [9.0, 7.0]
+
+
+def test_lump_mixes_every_view_with_replayed_rows_and_leaves_segment_zero_alone():
+    plugin = LUMP(alpha=0.1)
+    plugin.before_segment(SegmentContext(segment=1, steps_in_segment=4, start_step=0, model=Tiny(), rank=0, world=1,
+                                         seed=0))
+    v1 = torch.arange(6.0).view(6, 1)
+    v2 = 10 + v1
+    ctx = StepContext(clock=StepClock(1, 0, 4, 4), views=[v1, v2], rows={"train": slice(0, 3), "replay": slice(3, 6)},
+                      model=Tiny(), rank=0, world=1, seed=0)
+    plugin.before_step(ctx)
+    assert [v.shape[0] for v in ctx.views] == [3, 3] and ctx.rows == {"train": slice(0, 3)}
+    # Both views mix the same pairs with the same λ: view 2 is view 1 + 10 exactly.
+    assert torch.allclose(ctx.views[1], ctx.views[0] + 10)
+    assert bool(((ctx.views[0] >= 0) & (ctx.views[0] <= 5)).all())  # between an own and a replayed row
+    seg0 = StepContext(clock=StepClock(0, 0, 4, 0), views=[v1, v2], rows={"train": slice(0, 6)}, model=Tiny(),
+                       rank=0, world=1, seed=0)
+    plugin.before_step(seg0)
+    assert seg0.views[0] is v1 and seg0.views[1] is v2
+    # λ ~ Beta(0.1, 0.1): mostly near 0 or 1, mean 1/2.
+    draws = np.array([plugin.rng.beta(0.1, 0.1) for _ in range(4000)])
+    assert abs(draws.mean() - 0.5) < 0.03 and ((draws < 0.1) | (draws > 0.9)).mean() > 0.6
+
+
+def test_strategy_registry_builds_cassle_and_lump():
+    cassle = build_strategy(_cfg(strategy="cassle", continual={"cassle_weight": 0.5}))
+    assert [type(p) for p in cassle.worker_plugins] == [CaSSLe] and cassle.name == "cassle(weight=0.5)"
+    lump = build_strategy(_cfg(strategy="lump", replay={"size": 30}))
+    assert [type(p) for p in lump.plugins] == [ReplayPlugin, LUMP] and lump.name == "lump+replay(reservoir,30)"
+    with pytest.raises(Exception, match="replay.size"):
+        build_strategy(_cfg(strategy="lump"))
+
+
+def test_plugin_modules_reach_the_optimizer_beside_the_method():
+    from streamssl.ssl import build_method
+    from streamssl.train.worker import TrainedModules
+
+    cfg = _cfg(strategy="cassle", ssl={"width": 4, "proj_hidden_dim": 16, "proj_dim": 8})
+    method, strategy = build_method(cfg.ssl, 1), build_strategy(cfg)
+    strategy.before_segment(SegmentContext(segment=1, steps_in_segment=2, start_step=0, model=method, rank=0, world=1,
+                                           seed=0, previous_model=method.state_dict()))
+    trained = TrainedModules(method, strategy.trainable_modules())
+    predictor = strategy.worker_plugins[0].predictor
+    ids = {id(p) for p in trained.trainable_parameters()}
+    assert all(id(p) in ids for p in predictor.parameters())
+    assert all(id(p) in ids for p in method.trainable_parameters())
+    assert not any(id(p) in ids for p in strategy.worker_plugins[0].frozen.parameters())  # frozen stays out

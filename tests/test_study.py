@@ -142,8 +142,17 @@ def test_shipped_study_configs_expand():
     assert protocols == {"instance", "class_random", "class_distant", "domain"}
     for p in ("instance", "class_random"):
         assert len(spec.seeds_for(p)) >= 3
-    assert set(spec.strategies) == {"naive", "replay", "mas", "replay+mas"}
-    assert all(c.config["replay"]["mode"] == "replace" for c in cells if c.config["replay"]["size"])
+    assert set(spec.strategies) == {"naive", "replay", "mas", "replay+mas", "cassle", "lump"}
+    # Replay cells cost naive's compute (replay rows replace part of the batch); LUMP mixes every
+    # row with a replayed one, so its buffer rows come on top and it forwards naive's batch size.
+    assert all(c.config["replay"]["mode"] == "replace" for c in cells
+               if c.config["replay"]["size"] and c.config["strategy"] != "lump")
+    lump = [c for c in cells if c.strategy == "lump"]
+    assert lump and all(c.config["replay"]["mode"] == "append" and c.config["replay"]["ratio"] == 0.5 for c in lump)
+    # CaSSLe and LUMP run beside replay and MAS: same protocols, same seeds.
+    for name in ("cassle", "lump"):
+        assert ({(c.protocol, c.seed) for c in cells if c.strategy == name}
+                == {(c.protocol, c.seed) for c in cells if c.strategy == "replay"})
 
 
 @pytest.mark.ray

@@ -656,7 +656,7 @@ def test_compare_runs_table(tmp_path: Path) -> None:
     rows = _table(md)
     assert [r["run"] for r in rows] == ["naive", "replay", "joint (ref)"]
     by = {r["run"].split()[0]: r for r in rows}
-    assert by["naive"]["strategy"] == "naive" and by["replay"]["strategy"] == "replay(500)" and by["joint"]["strategy"] == "joint"
+    assert by["naive"]["strategy"] == "naive" and by["replay"]["strategy"] == "naive+replay(reservoir,500)" and by["joint"]["strategy"] == "joint"
     assert (by["naive"]["linear acc (%)"], by["naive"]["kNN acc (%)"], by["naive"]["few-shot acc (%)"]) == ("71.0", "60.0", "55.0")
     assert by["replay"]["few-shot acc (%)"] == "n/a"
     assert by["naive"]["forgetting linear (pp)"] == "30.0" and by["naive"]["forgetting knn (pp)"] == "30.0"

@@ -1,7 +1,8 @@
 """Continual-learning strategies as plugins on the one training loop.
 
-``build_strategy(cfg)`` composes what the config asks for: the base (``strategy``: naive, or the
-joint / cumulative retraining references as data plugins), a driver-side replay buffer of past
+``build_strategy(cfg)`` composes what the config asks for: the ``strategy`` (naive; the joint /
+cumulative retraining references as data plugins; CaSSLe's distillation from the frozen previous
+model and LUMP's mixup with replayed rows as worker plugins), a driver-side replay buffer of past
 image ids (``replay.size > 0``, policy reservoir / balanced / fifo) and/or a worker-side weight
 regularizer (``regularization.method``: MAS, EWC, L2-SP).
 """
@@ -9,19 +10,23 @@ regularizer (``regularization.method``: MAS, EWC, L2-SP).
 from __future__ import annotations
 
 from streamssl.continual.base import ExtraRows, Regularizer, SegmentData, Strategy, StrategyPlugin
-from streamssl.continual.factory import BASE_PLUGINS, REPLAY_BUFFERS, build_strategy
+from streamssl.continual.cassle import CaSSLe
+from streamssl.continual.context import SegmentContext, StepContext
+from streamssl.continual.factory import REPLAY_BUFFERS, build_strategy, strategy_plugin
 from streamssl.continual.fifo_replay import FifoBuffer
 from streamssl.continual.joint import Cumulative, Joint
+from streamssl.continual.lump import LUMP
 from streamssl.continual.regularizers import EWC, L2SP, MAS, REGULARIZERS
 from streamssl.continual.replay import ReplayBuffer, ReplayPlugin, balanced_quotas
 
 __all__ = [
-    "BASE_PLUGINS",
     "EWC",
+    "LUMP",
     "L2SP",
     "MAS",
     "REGULARIZERS",
     "REPLAY_BUFFERS",
+    "CaSSLe",
     "Cumulative",
     "ExtraRows",
     "FifoBuffer",
@@ -29,9 +34,12 @@ __all__ = [
     "Regularizer",
     "ReplayBuffer",
     "ReplayPlugin",
+    "SegmentContext",
     "SegmentData",
+    "StepContext",
     "Strategy",
     "StrategyPlugin",
     "balanced_quotas",
     "build_strategy",
+    "strategy_plugin",
 ]

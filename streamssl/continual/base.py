@@ -8,9 +8,13 @@ spirit of Avalanche's strategy/plugin split but much smaller. Plugins live on on
   into its batches (:meth:`StrategyPlugin.segment_data`, e.g. the joint baseline, replay); and
   what to remember once a segment is done (``after_segment_driver``). They never touch tensors, so
   the driver stays free of model state, and the worker mixes any extra rows generically by name.
-* **worker** plugins (MAS / EWC / L2-SP) run inside every Ray Train worker: a ``penalty`` added to
-  the SSL loss at every step, and ``after_segment`` to estimate parameter importance on the
-  segment's data before it is gone.
+* **worker** plugins run inside every Ray Train worker, with hooks that get the step's whole
+  context (:mod:`streamssl.continual.context`): ``before_segment`` (e.g. keep a frozen copy of the
+  previous segment's model), ``trainable_modules`` (heads of their own, trained by the same
+  DeepSpeed optimizer and saved with the segment), ``before_step`` (may change the views, e.g.
+  mixup), ``loss_terms`` (named terms added to the SSL loss after the forward pass, e.g. a
+  distillation loss or MAS's pull), ``after_step`` and ``after_segment`` (e.g. estimate
+  parameter importance on the segment's data before it is gone).
 
 Both kinds checkpoint their state with the segment (driver: ``<ckpt>/<plugin name>/``, worker:
 ``strategy.pt`` written by rank 0), and a restored plugin behaves exactly like an uninterrupted one.
@@ -36,8 +40,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-Batches = Iterable[tuple[Tensor, Tensor]]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from streamssl.continual.context import SegmentContext, StepContext
+
+Batches = Iterable[tuple[Tensor, ...]]
+LossFn = Callable[..., Tensor]
 
 
 # --------------------------------------------------------------------------- a segment's data
@@ -93,6 +99,14 @@ class StrategyPlugin:
     side: ClassVar[Literal["driver", "worker"]] = "driver"
     #: False: nothing to checkpoint (no ``<ckpt>/<name>/`` directory is written or expected).
     stateful: ClassVar[bool] = True
+    #: True: trains on all past data itself (joint / cumulative), so replay or a regularizer
+    #: would change nothing meaningful and is rejected.
+    exclusive: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> StrategyPlugin:
+        """The plugin a run's :class:`~streamssl.config.Config` asks for (``strategy``)."""
+        return cls()
 
     # -- driver side
     def segment_data(self, data: SegmentData) -> SegmentData:
@@ -102,13 +116,30 @@ class StrategyPlugin:
     def after_segment_driver(self, segment: int, rows: pa.Table) -> None:
         """``rows`` (this segment's own rows, not replayed ones) have just been trained on."""
 
-    # -- worker side
-    def penalty(self, module: nn.Module) -> Tensor | None:
-        """Term added to the SSL loss at every step; None = nothing to add."""
-        return None
+    # -- worker side (every hook runs on every rank, in lockstep)
+    #: True: ``after_segment`` reads ``ctx.batches`` (the loop then makes them).
+    needs_segment_data: ClassVar[bool] = False
 
-    def after_segment(self, module: nn.Module, batches: Batches, loss_fn: LossFn, max_batches: int) -> None:
-        """End of a segment on a worker: ``batches`` yields pairs of augmented views of its data."""
+    def before_segment(self, ctx: SegmentContext) -> None:
+        """A segment starts on this worker (its model built, before the optimizer is)."""
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Modules of the plugin's own that the optimizer trains with the model (after
+        ``before_segment``); they are saved with the segment's checkpoints."""
+        return {}
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Before the forward pass; may replace ``ctx.views`` / ``ctx.rows``."""
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Named terms added to the SSL loss (``ctx.output`` is set); logged per step."""
+        return {}
+
+    def after_step(self, ctx: StepContext) -> None:
+        """After the optimizer step."""
+
+    def after_segment(self, ctx: SegmentContext) -> None:
+        """End of a segment on this worker (``ctx.batches``: views of its own rows)."""
 
     # -- state
     def state_dict(self) -> dict[str, Any]:
@@ -164,6 +195,10 @@ class Regularizer(StrategyPlugin):
     #: False for L2-SP: Ω ≡ 1, nothing to estimate, no data needed.
     uses_importance: ClassVar[bool] = True
 
+    @property
+    def needs_segment_data(self) -> bool:  # type: ignore[override]
+        return self.uses_importance
+
     def __init__(self, lambda_: float = 1.0) -> None:
         if lambda_ < 0:
             raise ValueError(f"regularization lambda must be >= 0, got {lambda_}")
@@ -191,7 +226,10 @@ class Regularizer(StrategyPlugin):
     def regularized_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
-    def penalty(self, module: nn.Module) -> Tensor:
+    def loss_terms(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {self.name: self.quadratic_penalty(ctx.model)}
+
+    def quadratic_penalty(self, module: nn.Module) -> Tensor:
         """``λ/2 · Σ Ω (θ − θ*)²`` in float32; exactly 0 before the first segment has finished."""
         params = list(module.named_parameters())
         device = params[0][1].device if params else torch.device("cpu")
@@ -218,12 +256,18 @@ class Regularizer(StrategyPlugin):
             return torch.zeros((), device=device)
         return 0.5 * self.lambda_ * total
 
-    def after_segment(self, module: nn.Module, batches: Batches, loss_fn: LossFn, max_batches: int) -> None:
+    def after_segment(self, ctx: SegmentContext) -> None:
         """Estimate Ω on this segment's data (on all ranks in lockstep), then move the anchor here."""
+        self.estimate(ctx.model, ctx.batches, ctx.loss_fn, ctx.max_batches)
+
+    def estimate(self, module: nn.Module, batches: Batches, loss_fn: LossFn | None, max_batches: int) -> None:
+        """Fold this segment's importance into Ω and anchor at ``module``'s weights."""
         regularized = self.regularized_parameters(module)
         if self.uses_importance:
             saved = [(b, b.detach().clone()) for b in module.buffers()]
             try:
+                if loss_fn is None:
+                    raise ValueError(f"{self.name} estimates importance but was given no loss function")
                 new = self.compute_importance(module, batches, loss_fn, max_batches)
             finally:
                 with torch.no_grad():
@@ -317,7 +361,12 @@ class Strategy:
 
     @property
     def name(self) -> str:
-        return "+".join([self.base] + [p.describe() for p in self.plugins if p.name != self.base])
+        """The strategy's one label (reports, MLflow, the study table): the base strategy (its
+        plugin's description where it has one), then every other plugin's, e.g.
+        ``naive+replay(reservoir,2000)+mas(lambda=1)``."""
+        base = next((p for p in self.plugins if p.name == self.base), None)
+        head = base.describe() if base is not None else self.base
+        return "+".join([head] + [p.describe() for p in self.plugins if p is not base])
 
     # -- driver side
     def segment_data(self, segment: int) -> SegmentData:
@@ -347,25 +396,42 @@ class Strategy:
                                         "was it written with a different strategy configuration?")
             p.load(d)
 
-    # -- worker side
-    def penalty(self, module: nn.Module) -> Tensor:
-        total: Tensor | None = None
+    # -- worker side: each hook calls the worker plugins in order
+    def before_segment(self, ctx: SegmentContext) -> None:
         for p in self.worker_plugins:
-            term = p.penalty(module)
-            if term is not None:
-                total = term if total is None else total + term
-        if total is None:
-            param = next(module.parameters(), None)
-            return torch.zeros((), device=param.device if param is not None else "cpu")
-        return total
+            p.before_segment(ctx)
 
-    def after_segment(self, module: nn.Module, batches: Batches, loss_fn: LossFn, max_batches: int) -> None:
-        # An iterator can be consumed once; several data-hungry plugins each need the same batches.
-        hungry = [p for p in self.worker_plugins if getattr(p, "uses_importance", True)]
-        if len(hungry) > 1:
-            batches = list(itertools.islice(iter(batches), max_batches))
+    def trainable_modules(self) -> dict[str, dict[str, nn.Module]]:
+        """Every worker plugin's own trainable modules: plugin name -> module name -> module."""
+        return {p.name: mods for p in self.worker_plugins if (mods := p.trainable_modules())}
+
+    def before_step(self, ctx: StepContext) -> None:
         for p in self.worker_plugins:
-            p.after_segment(module, batches, loss_fn, max_batches)
+            p.before_step(ctx)
+
+    def loss_terms(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Every worker plugin's terms, keyed by plugin name (``<plugin>/<term>`` for several)."""
+        terms: dict[str, Tensor] = {}
+        for p in self.worker_plugins:
+            own = p.loss_terms(ctx)
+            for k, v in own.items():
+                terms[k if k == p.name and len(own) == 1 else f"{p.name}/{k}"] = v
+        return terms
+
+    def after_step(self, ctx: StepContext) -> None:
+        for p in self.worker_plugins:
+            p.after_step(ctx)
+
+    @property
+    def needs_segment_data(self) -> bool:
+        return any(p.needs_segment_data for p in self.worker_plugins)
+
+    def after_segment(self, ctx: SegmentContext) -> None:
+        # An iterator can be consumed once; several data-hungry plugins each need the same batches.
+        if sum(p.needs_segment_data for p in self.worker_plugins) > 1:
+            ctx = dataclasses.replace(ctx, batches=list(itertools.islice(iter(ctx.batches), ctx.max_batches)))
+        for p in self.worker_plugins:
+            p.after_segment(ctx)
 
     def worker_state(self) -> dict[str, Any]:
         """All worker plugins' state in one flat dict, keys prefixed ``<plugin>/``."""
@@ -384,7 +450,7 @@ class Strategy:
                 p.load_state_dict(part)
 
 
-def take(batches: Batches, max_batches: int) -> Iterator[tuple[Tensor, Tensor]]:
+def take(batches: Batches, max_batches: int) -> Iterator[tuple[Tensor, ...]]:
     """At most ``max_batches`` items; never pulls one more from the source than it yields."""
     if max_batches <= 0:
         return

@@ -18,6 +18,7 @@ class Joint(StrategyPlugin):
     name = "joint"
     side = "driver"
     stateful = False
+    exclusive = True
 
     def segment_data(self, data: SegmentData) -> SegmentData:
         return data.replace(train_segments=tuple(range(data.segment + 1)), from_previous=False)
@@ -27,6 +28,7 @@ class Cumulative(StrategyPlugin):
     name = "cumulative"
     side = "driver"
     stateful = False
+    exclusive = True
 
     def segment_data(self, data: SegmentData) -> SegmentData:
         return data.replace(train_segments=tuple(range(data.segment + 1)), from_previous=data.segment > 0)

@@ -86,8 +86,8 @@ class MAS(Regularizer):
         was_training = backbone.training
         backbone.eval()
         try:
-            for v1, _ in take(batches, max_batches):
-                x = v1.to(device=device, dtype=torch.float32)
+            for views in take(batches, max_batches):
+                x = views[0].to(device=device, dtype=torch.float32)
                 for xc in x.split(chunk):
                     g = per_sample_grad(weights, xc)
                     for n in sums:
@@ -149,8 +149,8 @@ class EWC(Regularizer):
         sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named.items()}
         count = 0
         with torch.enable_grad():
-            for v1, v2 in take(batches, max_batches):
-                loss = loss_fn(v1, v2)
+            for views in take(batches, max_batches):
+                loss = loss_fn(*views)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for n, g in zip(names, grads, strict=True):
                     if g is not None:

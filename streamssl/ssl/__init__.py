@@ -9,16 +9,11 @@ from __future__ import annotations
 from streamssl.config import SSLConfig
 from streamssl.ssl.augment import build_augment, eval_transform, normalization
 from streamssl.ssl.backbones import build_backbone, load_torchvision_state_dict
-from streamssl.ssl.barlow_twins import BarlowTwins
-from streamssl.ssl.base import SSLMethod, ema_update
-from streamssl.ssl.byol import BYOL
-from streamssl.ssl.mocov2 import MoCoV2
-from streamssl.ssl.simclr import SimCLR
-from streamssl.ssl.simsiam import SimSiam
+from streamssl.ssl.base import SSLMethod, StepClock, StepOutput, ema_update
+from streamssl.registry import SSL_METHODS, resolve
 
-METHODS: dict[str, type[SSLMethod]] = {
-    cls.name: cls for cls in (MoCoV2, SimCLR, BYOL, SimSiam, BarlowTwins)
-}
+#: ``ssl.method`` -> its class, from the one list in :mod:`streamssl.registry`.
+METHODS: dict[str, type[SSLMethod]] = {name: resolve(entry) for name, entry in SSL_METHODS.items()}
 
 
 def model_init_seed(seed: int) -> int:
@@ -41,6 +36,8 @@ def build_method(cfg: SSLConfig, in_channels: int) -> SSLMethod:
 __all__ = [
     "METHODS",
     "SSLMethod",
+    "StepClock",
+    "StepOutput",
     "build_augment",
     "build_backbone",
     "build_method",

@@ -22,6 +22,7 @@ aliasing if a much larger image were cropped down.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -56,6 +57,23 @@ class AugmentSpec:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     blur_kernel_frac: float = 0.1  # kernel size relative to the image side (SimCLR: 10%)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view a method asks for: a random crop covering an area fraction in ``scale`` (None:
+    the preset's ``crop_scale``), resized to ``size`` px, or when None to ``relative_size`` times
+    the data's ``image_size``.
+
+    Multi-crop methods (DINO) declare a few large and several small views with these."""
+
+    size: int | None = None
+    scale: tuple[float, float] | None = None
+    relative_size: float = 1.0
+
+    def pixels(self, image_size: int) -> int:
+        """The view's side in pixels for data of ``image_size`` px."""
+        return self.size or max(4, round(self.relative_size * image_size))
 
 
 PRESETS: dict[str, AugmentSpec] = {
@@ -238,9 +256,12 @@ def _blur_kernel_size(spec: AugmentSpec, image_size: int) -> int:
 class BatchAugment(nn.Module):
     """One random view per call: crop+flip, jitter, grayscale, blur, normalize; all per sample."""
 
-    def __init__(self, preset: str, image_size: int, channels: int) -> None:
+    def __init__(self, preset: str, image_size: int, channels: int,
+                 crop_scale: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.preset, self.spec = preset, _spec(preset)
+        if crop_scale is not None:
+            self.spec = dataclasses.replace(self.spec, crop_scale=tuple(crop_scale))
         self.image_size, self.channels = image_size, channels
         self.mean, self.std = normalization(preset, channels)
         # Reflect padding needs the half-kernel to be smaller than the image.
@@ -276,9 +297,11 @@ class EvalTransform(nn.Module):
         return TF.normalize(x, list(self.mean), list(self.std))
 
 
-def build_augment(preset: str, image_size: int, channels: int) -> BatchAugment:
-    """Random-view module for training (call it twice on a uint8 batch for two views)."""
-    return BatchAugment(preset, image_size, channels)
+def build_augment(preset: str, image_size: int, channels: int, view: ViewSpec | None = None) -> BatchAugment:
+    """Random-view module for training: one call on a uint8 batch makes one view; ``view`` sets
+    the crop's output size and area range (default: ``image_size`` and the preset's)."""
+    view = view or ViewSpec()
+    return BatchAugment(preset, view.pixels(image_size), channels, view.scale)
 
 
 def eval_transform(preset: str, image_size: int, channels: int) -> EvalTransform:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from streamssl.config import SSLConfig
 from streamssl.ssl import distributed as D
-from streamssl.ssl.base import SSLMethod
+from streamssl.ssl.base import SSLMethod, StepOutput
 from streamssl.ssl.heads import MLPHead
 from streamssl.ssl.losses import barlow_twins_loss
 
@@ -26,13 +26,21 @@ class BarlowTwins(SSLMethod):
         super().__init__(backbone)
         self.lambd = lambd
         self.projector = MLPHead(self.feature_dim, proj_hidden_dim, proj_dim, num_layers=3)
+        self.projection_dim = proj_dim
 
     @classmethod
     def from_config(cls, backbone: nn.Module, cfg: SSLConfig) -> "BarlowTwins":
         return cls(backbone, cfg.proj_hidden_dim, cfg.proj_dim, cfg.barlow_lambda)
 
-    def forward(self, view1: Tensor, view2: Tensor) -> dict[str, Tensor]:
-        z1 = self.projector(self.backbone(view1)).float()
-        z2 = self.projector(self.backbone(view2)).float()
+    def project(self, x: Tensor) -> Tensor:
+        return self.projector(self.backbone(x)).float()
+
+    def distill_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return barlow_twins_loss(prediction, target.detach(), self.lambd, reduce_sum=D.all_reduce_sum_with_grad)
+
+    def forward(self, view1: Tensor, view2: Tensor) -> StepOutput:
+        h1, h2 = self.backbone(view1), self.backbone(view2)
+        z1, z2 = self.projector(h1).float(), self.projector(h2).float()
         loss = barlow_twins_loss(z1, z2, self.lambd, reduce_sum=D.all_reduce_sum_with_grad)
-        return {"loss": loss, "pos_sim": self.pos_sim(z1, z2), "z_std": self.embedding_std(z1)}
+        return StepOutput(loss, {"pos_sim": self.pos_sim(z1, z2), "z_std": self.embedding_std(z1)},
+                          features=(h1, h2), projections=(z1, z2))

@@ -1,14 +1,21 @@
 """The shared shape of an SSL method, and the momentum-network machinery two of them use.
 
-The training loop only ever sees :class:`SSLMethod`: two views in, a dict with a differentiable
-``"loss"`` out, ``on_after_step()`` after each optimizer step, ``trainable_parameters()`` for the
-optimizer, and ``backbone`` to evaluate and export. Everything a method must carry across
-checkpoints (MoCo's queue) is a registered buffer, so ``state_dict()`` alone restores it.
+The training loop only ever sees :class:`SSLMethod`: the views it declares (``view_specs``: two
+by default, DINO's multi-crop more) in, a :class:`StepOutput` (the differentiable loss, logging
+scalars, and the per-view features / projections a continual strategy may use) out,
+``on_after_step(clock)`` after each optimizer step (with the step count, for schedules),
+``trainable_parameters()`` for the optimizer, and ``backbone`` to evaluate and export. Two more
+calls serve continual strategies that distill from a frozen earlier model (CaSSLe): ``project``
+(one view's projection) and ``distill_loss`` (the method's own loss between a prediction and a
+target projection). Everything a method must carry across checkpoints (MoCo's queue) is a
+registered buffer, so ``state_dict()`` alone restores it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,6 +23,53 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamssl.config import SSLConfig
+from streamssl.ssl.augment import ViewSpec
+
+
+@dataclass(frozen=True)
+class StepClock:
+    """Where training stands at an optimizer step: what schedules (DINO's teacher) are written on.
+
+    ``step`` counts this segment's optimizer steps (0-based), ``steps_in_segment`` is its budget,
+    ``global_step`` counts every optimizer step of the stream so far (earlier segments included).
+    """
+
+    segment: int
+    step: int
+    steps_in_segment: int
+    global_step: int
+
+    @property
+    def progress(self) -> float:
+        """Share of the segment done after this step, in (0, 1]."""
+        return (self.step + 1) / max(self.steps_in_segment, 1)
+
+
+@dataclass(eq=False)
+class StepOutput(Mapping[str, Tensor]):
+    """One forward pass of a method: the loss, its logging scalars, and per-view representations.
+
+    As a mapping it holds the scalars to log (``"loss"`` and ``logs``), so ``out["loss"]`` and
+    ``out.items()`` read as before; the representations are attributes, one tensor per view in
+    the order given (features: backbone outputs; projections: projector outputs, as the method
+    compares them; predictions: predictor outputs where the method has a predictor).
+    """
+
+    loss: Tensor
+    logs: dict[str, Tensor] = field(default_factory=dict)
+    features: tuple[Tensor, ...] = ()
+    projections: tuple[Tensor, ...] = ()
+    predictions: tuple[Tensor, ...] = ()
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.loss if key == "loss" else self.logs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield "loss"
+        yield from self.logs
+
+    def __len__(self) -> int:
+        return 1 + len(self.logs)
 
 
 @torch.no_grad()
@@ -37,6 +91,21 @@ def make_target(online: nn.Module) -> nn.Module:
     return target
 
 
+def match_norm_buffers_to_weights(module: nn.Module) -> None:
+    """Give every BatchNorm's running statistics its weight's dtype.
+
+    DeepSpeed's bf16 engine casts parameters, not buffers, which leaves bf16 BatchNorm weights
+    next to float32 running stats; ``F.batch_norm`` rejects that mix ("expected scalar type
+    BFloat16 but found Float", seen on CPU). EMA targets stay float32 throughout (no-op there).
+    """
+    for mod in module.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(mod, name)
+                if buf is not None and buf.dtype != mod.weight.dtype:
+                    buf.data = buf.data.to(mod.weight.dtype)
+
+
 def _fp32_pre_hook(module: "SSLMethod", *args: object) -> None:
     module._ensure_fp32()
 
@@ -53,6 +122,10 @@ class SSLMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    #: The views a training step makes (``ViewSpec()``: a crop at the data's size and the preset's scale).
+    view_specs: tuple[ViewSpec, ...] = (ViewSpec(), ViewSpec())
+    #: Width of ``project``'s output (what a distillation predictor maps); set by each method.
+    projection_dim: int = 0
     target_pairs: ClassVar[tuple[tuple[str, str], ...]] = ()
     extra_state_buffers: ClassVar[tuple[str, ...]] = ()
     momentum: float = 0.0
@@ -72,11 +145,27 @@ class SSLMethod(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the training-loop API
-    def forward(self, view1: Tensor, view2: Tensor) -> dict[str, Tensor]:  # pragma: no cover
+    def forward(self, *views: Tensor) -> StepOutput:  # pragma: no cover
+        """The loss of one step on ``views`` (as many as ``view_specs``, in that order)."""
         raise NotImplementedError
 
-    def on_after_step(self) -> None:
-        """Called after every optimizer step: EMA-update the targets (no-op without targets)."""
+    def project(self, x: Tensor) -> Tensor:  # pragma: no cover
+        """One view's projection, the representation ``distill_loss`` compares (float32)."""
+        raise NotImplementedError
+
+    def distill_loss(self, prediction: Tensor, target: Tensor) -> Tensor:  # pragma: no cover
+        """The method's own loss between ``prediction`` rows and their (detached) ``target`` rows.
+
+        CaSSLe's distillation: the same criterion that matches two views here matches a
+        predicted projection with a frozen earlier model's projection of the same view.
+        """
+        raise NotImplementedError
+
+    def on_after_step(self, clock: StepClock | None = None) -> None:
+        """Called after every optimizer step: EMA-update the targets (no-op without targets).
+
+        ``clock`` says which step it was (schedules such as DINO's read it); None outside training.
+        """
         for target, online in self.target_pairs:
             ema_update(getattr(self, target), getattr(self, online), self.momentum)
 
@@ -123,18 +212,8 @@ class SSLMethod(nn.Module):
         return F.normalize(z.detach().float(), dim=-1).std(dim=0).mean()
 
     def match_norm_buffers_to_weights(self) -> None:
-        """Give every BatchNorm's running statistics its weight's dtype.
-
-        DeepSpeed's bf16 engine casts parameters, not buffers, which leaves bf16 BatchNorm weights
-        next to float32 running stats; ``F.batch_norm`` rejects that mix ("expected scalar type
-        BFloat16 but found Float", seen on CPU). EMA targets stay float32 throughout (no-op there).
-        """
-        for mod in self.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
-                for name in ("running_mean", "running_var"):
-                    buf = getattr(mod, name)
-                    if buf is not None and buf.dtype != mod.weight.dtype:
-                        buf.data = buf.data.to(mod.weight.dtype)
+        """See :func:`match_norm_buffers_to_weights`."""
+        match_norm_buffers_to_weights(self)
 
     def _ensure_fp32(self) -> None:
         """Upcast EMA targets and checkpointed float buffers back to float32 if someone cast them.

@@ -116,3 +116,67 @@ def barlow_twins_loss(
     on_diag = ((diag - 1) ** 2).sum()
     off_diag = (c**2).sum() - (diag**2).sum()
     return on_diag + lambd * off_diag
+
+
+def vicreg_loss(
+    z1: Tensor,
+    z2: Tensor,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    eps: float = 1e-4,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """VICReg (Bardes et al., 2022): ``sim·s(Z, Z') + std·[v(Z) + v(Z')] + cov·[c(Z) + c(Z')]``.
+
+    * invariance ``s``: mean squared error between paired rows (averaged over rows and dims, as
+      the official implementation's ``F.mse_loss``), local to the worker;
+    * variance ``v``: ``mean_j relu(1 - sqrt(Var(z_j) + eps))`` per branch, the variance unbiased;
+    * covariance ``c``: ``sum_{i != j} C_ij^2 / d`` of the unbiased covariance matrix per branch.
+
+    Variance and covariance are statistics of the *global* batch: ``reduce_sum`` sums over workers
+    (differentiably), as the official code gathers all embeddings. Returns (loss, its three terms).
+    """
+    reduce_sum = reduce_sum or (lambda t: t)
+    z1, z2 = z1.float(), z2.float()
+    d = z1.shape[1]
+    n = reduce_sum(torch.tensor(float(z1.shape[0]), device=z1.device))
+    invariance = F.mse_loss(z1, z2)
+
+    def centered(z: Tensor) -> Tensor:
+        return z - reduce_sum(z.sum(dim=0)) / n
+
+    def variance(zc: Tensor) -> Tensor:
+        std = torch.sqrt(reduce_sum((zc**2).sum(dim=0)) / (n - 1) + eps)
+        return F.relu(1 - std).mean()
+
+    def covariance(zc: Tensor) -> Tensor:
+        cov = reduce_sum(zc.T @ zc) / (n - 1)
+        return ((cov**2).sum() - (torch.diagonal(cov) ** 2).sum()) / d
+
+    c1, c2 = centered(z1), centered(z2)
+    var = variance(c1) + variance(c2)
+    cov = covariance(c1) + covariance(c2)
+    loss = sim_coeff * invariance + std_coeff * var + cov_coeff * cov
+    return loss, {"invariance": invariance.detach(), "variance": var.detach(), "covariance": cov.detach()}
+
+
+def dino_cross_entropy(student: list[Tensor], teacher: list[Tensor], student_temp: float, teacher_temp: float,
+                       center: Tensor | None = None, same_view: bool = False) -> Tensor:
+    """DINO's loss: ``H(P_t(x_i), P_s(x_j))`` averaged over every (teacher view i, student view j)
+    pair with ``i != j``; the teacher views are the first ``len(teacher)`` student views.
+    ``same_view=True`` pairs each teacher view with the student's output of that same view only.
+
+    ``P_t = softmax((t - center) / teacher_temp)`` (no gradient), ``P_s = softmax(s / student_temp)``.
+    """
+    targets = [F.softmax((t.detach().float() - (0 if center is None else center)) / teacher_temp, dim=-1)
+               for t in teacher]
+    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
+    total, pairs = student[0].new_zeros((), dtype=torch.float32), 0
+    for i, q in enumerate(targets):
+        for j, lp in enumerate(log_probs):
+            if (i != j) if same_view else (i == j):
+                continue
+            total = total + (-(q * lp).sum(dim=-1)).mean()
+            pairs += 1
+    return total / pairs

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from streamssl.config import SSLConfig
 from streamssl.ssl import distributed as D
-from streamssl.ssl.base import SSLMethod, make_target
+from streamssl.ssl.base import SSLMethod, StepOutput, make_target
 from streamssl.ssl.heads import MLPHead
 from streamssl.ssl.losses import info_nce
 
@@ -58,6 +58,7 @@ class MoCoV2(SSLMethod):
         self.shuffle_bn = shuffle_bn
         self.shuffle_bn_groups = shuffle_bn_groups
         self.projector = MLPHead(self.feature_dim, proj_hidden_dim, proj_dim, num_layers=2, batch_norm=projector_bn)
+        self.projection_dim = proj_dim
         self.key_backbone = make_target(self.backbone)
         self.key_projector = make_target(self.projector)
         # A fixed-seed generator makes the initial queue identical on every rank regardless of
@@ -76,6 +77,17 @@ class MoCoV2(SSLMethod):
     def _query(self, x: Tensor) -> Tensor:
         return F.normalize(self.projector(self.backbone(x)).float(), dim=1)
 
+    def project(self, x: Tensor) -> Tensor:
+        return self._query(x)
+
+    def distill_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """InfoNCE with the target rows of the whole global batch as keys (no queue: the queue holds
+        keys of the current key encoder, not of the frozen model the targets come from)."""
+        sizes = D.all_gather_sizes(target.shape[0], target.device)
+        k_all = D.gather_no_grad(target.detach().float(), sizes)
+        return info_nce(prediction, target.detach(), None, self.temperature, k_all=k_all,
+                        offset=sum(sizes[: D.rank()]))
+
     def _key(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             h = self.target_forward(self.key_backbone, x)
@@ -90,8 +102,10 @@ class MoCoV2(SSLMethod):
             return D.shuffled_apply(self._key, x, self.shuffle_bn_groups, sizes)
         return self._key(x), None
 
-    def forward(self, view1: Tensor, view2: Tensor) -> dict[str, Tensor]:
-        q1, q2 = self._query(view1), self._query(view2)
+    def forward(self, view1: Tensor, view2: Tensor) -> StepOutput:
+        h1, h2 = self.backbone(view1), self.backbone(view2)
+        q1 = F.normalize(self.projector(h1).float(), dim=1)
+        q2 = F.normalize(self.projector(h2).float(), dim=1)
         queue = self.queue  # the losses normalize it into new tensors, so enqueueing later is safe
         # Every collective below runs on all ranks or none: an eval forward with a queue has none.
         sizes = D.all_gather_sizes(view1.shape[0], view1.device) if self.training or queue.shape[0] == 0 else None
@@ -105,9 +119,10 @@ class MoCoV2(SSLMethod):
                           + info_nce(q2, k1, None, self.temperature, k_all=k1_all, offset=offset))
         else:
             loss = 0.5 * (info_nce(q1, k2, queue, self.temperature) + info_nce(q2, k1, queue, self.temperature))
-        out = {"loss": loss, "pos_sim": self.pos_sim(q1, k2), "z_std": self.embedding_std(q1)}
+        out = StepOutput(loss, {"pos_sim": self.pos_sim(q1, k2), "z_std": self.embedding_std(q1)},
+                         features=(h1, h2), projections=(q1, q2))
         if queue.shape[0] > 0:
-            out["neg_sim"] = (q1.detach() @ queue.T).mean()  # before the enqueue overwrites it
+            out.logs["neg_sim"] = (q1.detach() @ queue.T).mean()  # before the enqueue overwrites it
             if self.training:
                 # One key per image (view 2's) keeps "queue_size" = that many past images.
                 self.enqueue(k2_all if k2_all is not None else D.gather_no_grad(k2, sizes))

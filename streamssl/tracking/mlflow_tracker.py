@@ -48,6 +48,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, ML
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from streamssl.config import ConfigError
+from streamssl.continual import build_strategy
 from streamssl.run.layout import META_FILE, STEPS_FILE, RunLayout
 from streamssl.run.records import result_from_dict, result_to_dict
 from streamssl.run.results import accuracy_matrices, images_processed
@@ -255,6 +256,7 @@ class MlflowTracker(StreamCallback):
             "plan_digest": meta_digest(ctx.plan_meta),
             "protocol": ctx.plan_meta.get("protocol", cfg.stream.protocol),
             "strategy": cfg.strategy,
+            "strategy_label": build_strategy(cfg).name,
             "num_segments": ctx.num_segments,
             "run_dir": ctx.run_dir,
             "dataset_dir": ctx.dataset_dir,
@@ -318,8 +320,10 @@ class MlflowTracker(StreamCallback):
                 params[f"plan.{k}"] = short(v if isinstance(v, str) else json.dumps(v, default=str), MAX_PARAM_VAL_LENGTH)
         log_batch(client, run_id, params=params)
         # Logged at the start so that a segment that dies still says what it was training on.
-        trained = f"0-{t}" if cfg.strategy in ("joint", "cumulative") else str(t)
-        if cfg.replay.size and cfg.strategy not in ("joint", "cumulative"):
+        data = build_strategy(cfg).segment_data(t)  # which segments' rows (replay rows are extra)
+        segs = data.train_segments
+        trained = str(t) if segs == (t,) else f"{segs[0]}-{segs[-1]}"
+        if cfg.replay.size and segs == (t,):
             trained += " + replay"
         log_dataset_inputs(client, run_id, self._inputs, {"segment": str(t), "trained_segments": trained})
 

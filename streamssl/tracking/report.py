@@ -84,18 +84,16 @@ class RunResults:
         return accuracy_matrices(self.segments)
 
     def strategy_label(self) -> str:
-        """Short description of the continual strategy from the config (``replay(2000)+mas(λ=1)``)."""
-        c = self.config or {}
-        if c.get("strategy") in ("joint", "cumulative"):
-            return str(c["strategy"])
-        parts = []
-        replay = (c.get("replay") or {}).get("size") or 0
-        if replay:
-            parts.append(f"replay({replay})")
-        reg = c.get("regularization") or {}
-        if reg.get("method") not in (None, "none"):
-            parts.append(f"{reg['method']}(λ={reg.get('lambda', reg.get('lambda_', '?'))})")
-        return "+".join(parts) or str(c.get("strategy") or "?")
+        """The continual strategy's label (``Strategy.name``, e.g. ``naive+replay(reservoir,2000)+mas(lambda=1)``)."""
+        from pydantic import ValidationError
+
+        from streamssl.config import Config
+        from streamssl.continual import build_strategy
+
+        try:
+            return build_strategy(Config.model_validate(self.config or {})).name
+        except (ValidationError, ValueError):  # a config this version cannot read
+            return str((self.config or {}).get("strategy") or "?")
 
 
 def read_results(run_dir: str | Path) -> RunResults:

@@ -35,6 +35,7 @@ from streamssl.run.layout import RunLayout, canonical_run_dir, new_run_dir, segm
 from streamssl.run.records import SegmentResult
 from streamssl.run.state import RunState, read_state, write_state
 from streamssl.train.callbacks import StreamCallback, StreamContext
+from streamssl.train.phase import Phase
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ class _PreparedSegment:
     """What the driver decided for one segment before its Ray Train run starts."""
 
     segment: int
-    phase: dict[str, Any]  # the worker's instructions (see worker.train_loop_per_worker)
+    phase: Phase  # the workers' instructions
     parent: str | None  # checkpoint it starts from (None = fresh init)
     own_rows: pa.Table
     train_rows: int  # rows it trains on (segments 0..t for joint / cumulative)
@@ -355,9 +356,9 @@ class _SegmentsFit:
             self.strategy.after_segment_driver(t, own_rows)
             driver_state = tmp / segment_name(t)
             self.strategy.save_driver_state(driver_state)
-            phase = {"segment": t, "total_steps": bp.total_steps, "own_per_batch": bp.own_per_batch,
-                     "dataset": name, "extras": extras, "start": start,
-                     "init_checkpoint": parent if start == "checkpoint" else None}
+            phase = Phase(segment=t, total_steps=bp.total_steps, own_per_batch=bp.own_per_batch, dataset=name,
+                          start=start, extras={k: (ds, int(n)) for k, (ds, n) in extras.items()},
+                          init_checkpoint=parent if start == "checkpoint" else None)
             self.prepared[t] = _PreparedSegment(t, phase, parent, own_rows, train_rows.num_rows, multi, extra_rows,
                                                 driver_state)
 
@@ -564,7 +565,7 @@ class _SegmentsFit:
         print(f"segment {t + 1}/{ctx.num_segments} done in {metrics['time/segment_wall_s']:.0f}s (fit {fit_s:.0f}s): "
               f"{prep.own_rows.num_rows} images"
               + "".join(f" (+{n} {name} rows)" for name, n in prep.extra_rows.items() if n)
-              + f"{f' ({cfg.strategy}: {prep.train_rows} rows)' if prep.multi else ''}, {prep.phase['total_steps']} steps; "
+              + f"{f' ({cfg.strategy}: {prep.train_rows} rows)' if prep.multi else ''}, {prep.phase.total_steps} steps; "
               + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                           if k.startswith(("train/loss", "eval/knn_acc", "eval/linear_acc")) and "seg" not in k),
               flush=True)

@@ -9,17 +9,21 @@ group and imports are paid once, not per segment. Each segment runs in phases th
 1. ``_set_up``: the SSL method with this segment's starting weights (the previous segment's, as
    this worker left them or from a published checkpoint; else the HPT initialization, else
    random init) and a new DeepSpeed engine: a fresh optimizer and per-segment LR schedule;
-   after a failure, the engine state of the latest in-segment checkpoint (:func:`_restore_point`);
+   the strategy's worker plugins see the segment start (CaSSLe freezes the previous model) and
+   add their own modules to the engine; after a failure, the engine state of the latest
+   in-segment checkpoint (:func:`_restore_point`);
 2. ``_open_data`` + ``_train_steps``: stream batches from the segment's dataset shard through a
    seeded local shuffle buffer (``data.shuffle_buffer``), + the rows of each extra dataset
-   (replay) mixed into every batch (sizes from the driver's ``batch_plan``), make two augmented
-   views on the worker with this rank's own generator, loss = SSL loss + strategy penalty, step;
+   (replay) mixed into every batch (sizes from the driver's ``batch_plan``), make the views the
+   method declares (two, or DINO's multi-crop) on the worker with this rank's own generator;
+   the strategy's worker plugins see each step's whole context (:class:`StepContext`: they may
+   change the views, add named loss terms, own trainable heads); loss = SSL loss + their terms;
    report in-segment checkpoints every ``scaling.checkpoint_every_steps`` steps. A segment's
    data pipelines are opened ahead (:class:`FirstBatchAhead`): the run's first segment's while
    its engine is built, the next segment's during the last ``NEXT_DATA_LEAD_S`` seconds of
    steps, so the seconds a Ray Data pipeline needs to deliver its first batch overlap work;
-3. ``_finish``: let regularizers compute importance on this segment's own rows (no replay), then
-   report the segment's final checkpoint through ``ray.train.report``.
+3. ``_finish``: the plugins' ``after_segment`` (MAS / EWC importance on this segment's own
+   rows, no replay), then report the segment's final checkpoint through ``ray.train.report``.
 
 Rank 0 tells the driver about each segment's start, its per-step records and its end through a
 channel (:mod:`streamssl.train.channel`); the driver publishes, evaluates and logs a segment while
@@ -47,12 +51,15 @@ import torch
 from torch import nn
 
 from streamssl.config import Config
+from streamssl.continual.context import OWN_ROWS, SegmentContext, StepContext
 from streamssl.devices import compute_device
 from streamssl.run import checkpoint as ck
 from streamssl.run.layout import segment_name
 from streamssl.train.deepspeed_config import deepspeed_config
 from streamssl.ssl import model_init_seed
+from streamssl.ssl.base import SSLMethod, StepClock, StepOutput, match_norm_buffers_to_weights
 from streamssl.train.initialization import apply_bn_only, load_initial_weights
+from streamssl.train.phase import Phase
 from streamssl.train.schedule import lr_factor
 
 
@@ -63,6 +70,26 @@ def build_model(cfg: Config) -> nn.Module:
     from streamssl.ssl import build_method
 
     return build_method(cfg.ssl, in_channels=cfg.data.channels)
+
+
+class TrainedModules(nn.Module):
+    """What the DeepSpeed engine trains: the SSL method and the strategy plugins' own modules.
+
+    One module, so the plugins' heads (CaSSLe's predictor) get the same optimizer, gradient
+    all-reduce, precision and in-segment engine checkpoints as the method; the segment's model
+    checkpoint stays the method's alone (plugins checkpoint their modules in their own state).
+    """
+
+    def __init__(self, method: SSLMethod, plugin_modules: dict[str, dict[str, nn.Module]]) -> None:
+        super().__init__()
+        self.method = method
+        self.plugins = nn.ModuleDict({name: nn.ModuleDict(mods) for name, mods in plugin_modules.items() if mods})
+
+    def forward(self, *views: torch.Tensor) -> StepOutput:
+        return self.method(*views)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.method.trainable_parameters() + [p for p in self.plugins.parameters() if p.requires_grad]
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
@@ -261,14 +288,15 @@ class _Fit:
     """What one worker keeps across the segments of one Ray Train run."""
 
     cfg: Config
-    phases: list[dict[str, Any]]  # one per segment, from the driver (see train_loop_per_worker)
+    phases: list[Phase]  # one per segment, from the driver
     rank: int
     world: int
     device: torch.device
     dtype: torch.dtype  # of the augmented views (bf16 or fp32)
-    strategy: Any  # the continual strategy's worker plugins (regularizers), carried across segments
+    strategy: Any  # continual.Strategy: its worker plugins carry their state across segments
     channel: Any  # streamssl.train.channel.SegmentChannel (rank 0 reports progress through it)
     last_state: dict[str, torch.Tensor] | None = None  # weights the last finished segment left
+    steps_done: int = 0  # optimizer steps of the stream up to the last finished segment
     opened: dict[int, "_PhaseBatches"] = field(default_factory=dict)  # segment -> batches opened ahead
 
 
@@ -280,12 +308,10 @@ class _SegmentWork:
     """
 
     fit: _Fit
-    segment: int
-    total_steps: int
-    own_per_batch: int  # rows of this segment per micro-batch (sized by driver.batch_plan)
-    extras: dict[str, tuple[str, int]]  # extra rows per micro-batch: name -> (Ray dataset, rows)
-    engine: Any  # the DeepSpeed engine around the SSL method
-    module: Any  # the SSL method itself (engine.module)
+    phase: Phase
+    steps_before: int  # optimizer steps of the stream before this segment (the clock's global step)
+    engine: Any  # the DeepSpeed engine around TrainedModules
+    module: Any  # the SSL method itself (engine.module.method)
     sched: torch.optim.lr_scheduler.LambdaLR
     rng: np.random.Generator  # draws replacements for undecodable rows
     init_source: str  # where the weights came from, for meta.json
@@ -301,7 +327,7 @@ class _SegmentWork:
     train_time_s: float = 0.0
     data_wait_s: float = 0.0  # of train_time_s, waiting for batches (this rank)
     steps_log: list[dict[str, Any]] = field(default_factory=list)  # rank 0's per-step records
-    next_phase: dict[str, Any] | None = None  # the run's next segment: its data opens ahead
+    next_phase: Phase | None = None  # the run's next segment: its data opens ahead
     views: _Views | None = None  # set by _open_data, once start_step is known
     data: BatchSource | None = None
 
@@ -310,42 +336,63 @@ class _SegmentWork:
         return self.fit.cfg
 
     @property
+    def segment(self) -> int:
+        return self.phase.segment
+
+    @property
+    def total_steps(self) -> int:
+        return self.phase.total_steps
+
+    @property
+    def own_per_batch(self) -> int:
+        return self.phase.own_per_batch
+
+    @property
     def rank(self) -> int:
         return self.fit.rank
 
     @property
     def micro_batch(self) -> int:
-        return self.own_per_batch + sum(n for _, n in self.extras.values())
+        return self.phase.micro_batch
+
+    def clock(self, step: int) -> StepClock:
+        return StepClock(self.segment, step, self.total_steps, self.steps_before + step)
+
+    def row_sources(self) -> dict[str, slice]:
+        """Which rows of a mixed batch came from where: own rows first, then each extra source."""
+        rows, start = {OWN_ROWS: slice(0, self.own_per_batch)}, self.own_per_batch
+        for name, (_, n) in self.phase.extras.items():
+            if n:
+                rows[name], start = slice(start, start + n), start + n
+        return rows
 
 
 class _Views:
-    """Two augmented views of a uint8 batch on the worker's device, from this rank's generator."""
+    """The views a method declares (``view_specs``) of a uint8 batch on the worker's device, from
+    this rank's generator: one augmentation per view, each with its crop size and scale."""
 
-    def __init__(self, cfg: Config, segment: int, rank: int, start_step: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, cfg: Config, method: SSLMethod, segment: int, rank: int, start_step: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
         from streamssl.ssl import build_augment
 
-        self.augment = build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels).to(device)
+        self.augments = [build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels, spec).to(device)
+                         for spec in method.view_specs]
         self.generator = augment_generator(cfg.seed, segment, rank, start_step, device)
         self.device, self.dtype = device, dtype
 
     def to_device(self, imgs: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(imgs).to(self.device, non_blocking=True)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.augment(x, generator=self.generator).to(self.dtype),
-                self.augment(x, generator=self.generator).to(self.dtype))
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(aug(x, generator=self.generator).to(self.dtype) for aug in self.augments)
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     """Train this Ray Train run's segments in order (the ``TorchTrainer`` entry point).
 
     ``loop_cfg`` comes from the driver: ``config`` (the run's Config as a dict), ``channel``
-    (where rank 0 reports each segment's start, steps and end) and ``phases``, one per segment:
-    ``segment``, ``total_steps``, ``own_per_batch``, ``dataset`` (its rows' Ray dataset),
-    ``extras`` (``{name: [Ray dataset, rows per micro-batch]}``), ``start`` (``"previous"``: the
-    weights the last segment of this run left; ``"fresh"``: the initialization segment 0 had;
-    ``"checkpoint"``: ``init_checkpoint``, a published segment checkpoint, path or URI).
+    (where rank 0 reports each segment's start, steps and end) and ``phases``, one
+    :class:`~streamssl.train.phase.Phase` per segment.
 
     One worker group, one process group and one set of imports serve every segment: each segment
     only builds a new DeepSpeed engine (a fresh optimizer and LR schedule). After a failure Ray
@@ -373,6 +420,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         # Weights only: the next segment builds a clean module and engine around a copy, so no
         # hook or optimizer state of this segment's engine carries over.
         fit.last_state = {k: v.detach().clone() for k, v in work.module.state_dict().items()}
+        fit.steps_done = work.steps_before + work.total_steps
         del work
 
 
@@ -414,17 +462,18 @@ def _restore_point(fit: _Fit) -> tuple[int, dict[str, Any] | None]:
             shutil.copytree(Path(d) / ck.ENGINE_DIR, Path(engine_dir) / ck.ENGINE_DIR)
     if state is not None:
         fit.strategy.load_worker_state(state)
-    index = next((i for i, p in enumerate(fit.phases) if p["segment"] == meta["segment"]), None)
+    index = next((i for i, p in enumerate(fit.phases) if p.segment == meta["segment"]), None)
     if index is None:
-        if meta["segment"] < fit.phases[0]["segment"]:  # an earlier run's checkpoint: already published
+        if meta["segment"] < fit.phases[0].segment:  # an earlier run's checkpoint: already published
             return 0, None
         raise RuntimeError(f"restored checkpoint of segment {meta['segment']} is not in this run's segments "
-                           f"{[p['segment'] for p in fit.phases]}")
+                           f"{[p.segment for p in fit.phases]}")
     if meta["final"]:
         if fit.rank == 0:
             fit.channel.put({"kind": "end", "segment": meta["segment"], "checkpoint": Path(restored.path).name,
                              "metrics": meta.get("metrics", {})})
         fit.last_state = model
+        fit.steps_done = int(meta.get("steps_before", 0)) + int(meta["step"])
         return index + 1, None
     return index, {"meta": meta, "model": model, "engine_dir": engine_dir}
 
@@ -436,7 +485,7 @@ def _model_with(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -> _SegmentWork:
+def _set_up(fit: _Fit, phase: Phase, restored: dict[str, Any] | None) -> _SegmentWork:
     """Model, starting weights and DeepSpeed engine for one segment.
 
     A fresh model is built under the run's model-init seed, the same on every rank and for every
@@ -444,15 +493,20 @@ def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -
     strategies; ``start`` then says where the weights come from (see
     :func:`train_loop_per_worker`). A published checkpoint and its strategy state are read through
     the run package, so a checkpoint given as a URI loads on any node.
+
+    The strategy's worker plugins then see the segment start (with the previous segment's
+    weights when this segment continues them from step 0), and the engine is built around the
+    method and the plugins' own modules.
     """
     t0 = time.perf_counter()
-    cfg, segment = fit.cfg, int(phase["segment"])
-    start = phase["start"]
+    cfg, segment, start = fit.cfg, phase.segment, phase.start
     pretrained: set[str] = set()
+    steps_before = fit.steps_done
     if restored is not None:  # continue this segment from its in-segment checkpoint (below)
         model = _model_with(cfg, restored["model"])
         source = f"in-segment checkpoint at step {restored['meta']['step']}"
         init_digest = restored["meta"].get("init_digest", "")
+        steps_before = int(restored["meta"].get("steps_before", 0))
     elif start == "previous":
         if fit.last_state is None:
             raise RuntimeError(f"segment {segment} continues the previous segment, which this run did not train")
@@ -462,12 +516,15 @@ def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -
     else:
         torch.manual_seed(model_init_seed(cfg.seed))  # same init on every rank and for every segment
         model = build_model(cfg)
-        init_ckpt = phase.get("init_checkpoint") if start == "checkpoint" else None
+        init_ckpt = phase.init_checkpoint if start == "checkpoint" else None
         source, pretrained = load_initial_weights(model, cfg, init_ckpt)
+        steps_before = 0
         if init_ckpt:
             state = ck.load_strategy_state(init_ckpt)
             if state is not None:
                 fit.strategy.load_worker_state(state)
+            meta = ck.read_meta(init_ckpt)
+            steps_before = int(meta.get("steps_before", 0)) + int(meta.get("step", 0))
         init_digest = ck.state_digest(model.state_dict())
     if cfg.init.bn_only:
         if not pretrained and cfg.init.checkpoint:
@@ -475,14 +532,17 @@ def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -
 
             pretrained = set(hpt_init_state(model, cfg.init.checkpoint)[0])
         apply_bn_only(model, pretrained)
-    extras = {name: (str(ds), int(n)) for name, (ds, n) in (phase.get("extras") or {}).items()}
-    micro_batch = int(phase["own_per_batch"]) + sum(n for _, n in extras.values())
-    engine, sched = _build_engine(model, cfg, int(phase["total_steps"]), micro_batch)
-    module = engine.module
-    module.match_norm_buffers_to_weights()  # bf16: the engine cast BN weights but not their stats
-    work = _SegmentWork(fit=fit, segment=segment, total_steps=int(phase["total_steps"]),
-                        own_per_batch=int(phase["own_per_batch"]), extras=extras,
-                        engine=engine, module=module, sched=sched,
+    continues = restored is None and start in ("previous", "checkpoint")
+    fit.strategy.before_segment(SegmentContext(
+        segment=segment, steps_in_segment=phase.total_steps,
+        start_step=restored["meta"]["step"] if restored is not None else 0, model=model, rank=fit.rank,
+        world=fit.world, seed=cfg.seed,
+        previous_model={k: v.detach().clone() for k, v in model.state_dict().items()} if continues else None))
+    trained = TrainedModules(model, fit.strategy.trainable_modules())
+    engine, sched = _build_engine(trained, cfg, phase.total_steps, phase.micro_batch)
+    match_norm_buffers_to_weights(engine.module)  # bf16: the engine cast BN weights but not their stats
+    work = _SegmentWork(fit=fit, phase=phase, steps_before=steps_before,
+                        engine=engine, module=engine.module.method, sched=sched,
                         rng=np.random.default_rng(cfg.seed * 1_000_003 + segment * 101 + fit.rank),
                         init_source=source, init_digest=init_digest)
     if restored is not None:
@@ -497,7 +557,7 @@ def _set_up(fit: _Fit, phase: dict[str, Any], restored: dict[str, Any] | None) -
     return work
 
 
-def _build_engine(model: nn.Module, cfg: Config, total_steps: int, micro_batch: int) -> tuple[Any, Any]:
+def _build_engine(model: TrainedModules, cfg: Config, total_steps: int, micro_batch: int) -> tuple[Any, Any]:
     """(DeepSpeed engine, LR schedule): our optimizer over the trainable parameters, with the
     schedule spanning this segment's ``total_steps`` (every segment warms up and decays anew)."""
     import deepspeed
@@ -522,7 +582,7 @@ class _PhaseBatches:
     extras: list[Iterator[dict[str, np.ndarray]]]
 
 
-def _phase_batches(fit: _Fit, phase: dict[str, Any], start_step: int) -> _PhaseBatches:
+def _phase_batches(fit: _Fit, phase: Phase, start_step: int) -> _PhaseBatches:
     """This worker's batches of ``phase``, positioned at ``start_step``, each first batch pulled
     ahead (:class:`FirstBatchAhead`).
 
@@ -531,18 +591,17 @@ def _phase_batches(fit: _Fit, phase: dict[str, Any], start_step: int) -> _PhaseB
     """
     import ray.train
 
-    cfg, segment = fit.cfg, int(phase["segment"])
+    cfg, segment = fit.cfg, phase.segment
     skip = start_step * cfg.optim.grad_accum_steps
-    train = _batches(ray.train.get_dataset_shard(str(phase["dataset"])), int(phase["own_per_batch"]), skip=skip,
+    train = _batches(ray.train.get_dataset_shard(phase.dataset), phase.own_per_batch, skip=skip,
                      shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, fit.rank))
-    extras = [_batches(ray.train.get_dataset_shard(str(ds)), int(n), skip=skip)
-              for ds, n in (phase.get("extras") or {}).values() if int(n)]
+    extras = [_batches(ray.train.get_dataset_shard(ds), n, skip=skip) for ds, n in phase.extras.values() if n]
     return _PhaseBatches(FirstBatchAhead(train), [FirstBatchAhead(it) for it in extras])
 
 
-def _open_ahead(fit: _Fit, phase: dict[str, Any], start_step: int = 0) -> None:
+def _open_ahead(fit: _Fit, phase: Phase, start_step: int = 0) -> None:
     """Start ``phase``'s data pipelines now; :func:`_open_data` picks them up."""
-    segment = int(phase["segment"])
+    segment = phase.segment
     if segment not in fit.opened:  # never two pipelines for one segment
         fit.opened[segment] = _phase_batches(fit, phase, start_step)
 
@@ -554,7 +613,7 @@ def _open_data(work: _SegmentWork) -> None:
     than replaying old ones.
     """
     fit = work.fit
-    work.views = _Views(work.cfg, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
+    work.views = _Views(work.cfg, work.module, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
     batches = fit.opened.pop(work.segment)
     work.data = BatchSource(batches.train, batches.extras, work.rng)
     work.data.skipped = work.restored_skipped
@@ -583,10 +642,10 @@ def _train_steps(work: _SegmentWork) -> None:
     sent = len(work.steps_log)
     for step in range(work.start_step, work.total_steps):
         t0, waited = time.perf_counter(), work.data_wait_s
-        out, penalty = _optimizer_step(work)
-        work.module.on_after_step()
+        out, terms = _optimizer_step(work, step)
+        work.module.on_after_step(work.clock(step))
         if work.rank == 0:
-            work.steps_log.append(_step_record(work, step, out, penalty, t0, work.data_wait_s - waited))
+            work.steps_log.append(_step_record(work, step, out, terms, t0, work.data_wait_s - waited))
             if len(work.steps_log) - sent >= STEPS_PER_MESSAGE:
                 work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
                 sent = len(work.steps_log)
@@ -598,6 +657,7 @@ def _train_steps(work: _SegmentWork) -> None:
         if done < work.total_steps and ((ckpt_every and done % ckpt_every == 0) or _preemption_notice(work, done)):
             _report_checkpoint(work, done, final=False, extra={"segment": work.segment,
                                                                "init_digest": work.init_digest,
+                                                               "steps_before": work.steps_before,
                                                                "restarts": work.restarts,
                                                                "preemption_checkpoints": work.preemption_checkpoints})
     work.train_time_s = time.perf_counter() - t_start
@@ -630,33 +690,40 @@ def _preemption_notice(work: _SegmentWork, done: int) -> bool:
     return True
 
 
-def _optimizer_step(work: _SegmentWork) -> tuple[dict[str, torch.Tensor], Any]:
-    """One optimizer step: ``grad_accum_steps`` micro-steps of SSL loss + strategy penalty on
-    own + extra rows. Returns the last micro-step's outputs and penalty."""
+def _optimizer_step(work: _SegmentWork, step: int) -> tuple[StepOutput, dict[str, torch.Tensor]]:
+    """One optimizer step: ``grad_accum_steps`` micro-steps on own + extra rows, each with the
+    strategy's hooks around it; loss = SSL loss + the plugins' terms. Returns the last
+    micro-step's outputs and terms."""
     assert work.views is not None and work.data is not None
-    out: dict[str, torch.Tensor] = {}
-    penalty: Any = 0.0
+    strategy = work.fit.strategy
+    out: StepOutput | None = None
+    terms: dict[str, torch.Tensor] = {}
     for _ in range(work.cfg.optim.grad_accum_steps):
         t_data = time.perf_counter()
         imgs = work.data.mixed()
         work.data_wait_s += time.perf_counter() - t_data
         x = work.views.to_device(imgs)
-        v1, v2 = work.views(x)
-        out = work.engine(v1, v2)
-        penalty = work.fit.strategy.penalty(work.module)
-        work.engine.backward(out["loss"] + penalty)
+        ctx = StepContext(clock=work.clock(step), views=list(work.views(x)), rows=work.row_sources(),
+                          model=work.module, rank=work.rank, world=work.fit.world, seed=work.cfg.seed)
+        strategy.before_step(ctx)
+        out = ctx.output = work.engine(*ctx.views)
+        terms = strategy.loss_terms(ctx)
+        work.engine.backward(out["loss"] + sum(terms.values()) if terms else out["loss"])
         work.engine.step()
+        strategy.after_step(ctx)
         work.images_seen += x.shape[0] * work.fit.world
         work.step_images += x.shape[0] * work.fit.world
-    return out, penalty
+    assert out is not None
+    return out, terms
 
 
-def _step_record(work: _SegmentWork, step: int, out: dict[str, torch.Tensor], penalty: Any,
+def _step_record(work: _SegmentWork, step: int, out: StepOutput, terms: dict[str, torch.Tensor],
                  t0: float, data_wait_s: float) -> dict[str, Any]:
-    """Rank 0's record of one step: loss, penalty, learning rate, time (of which waiting for
-    data) and the method's scalars."""
+    """Rank 0's record of one step: loss, the strategy's terms (their sum as ``penalty``, each as
+    ``penalty/<name>``), learning rate, time (of which waiting for data) and the method's scalars."""
+    values = {k: float(v.detach().float()) for k, v in terms.items()}
     rec = {"segment": work.segment, "step": step, "loss": float(out["loss"].detach().float()),
-           "penalty": float(penalty.detach().float()) if torch.is_tensor(penalty) else float(penalty),
+           "penalty": sum(values.values()), **{f"penalty/{k}": v for k, v in values.items()},
            "lr": float(work.sched.get_last_lr()[0]),
            "step_time_s": time.perf_counter() - t0, "data_wait_s": data_wait_s}
     rec.update({k: float(v.detach().float()) for k, v in out.items()
@@ -671,7 +738,7 @@ def _finish(work: _SegmentWork) -> None:
     while the segment's data is still at hand; the final checkpoint carries the model, the
     strategy state and the metrics the driver records. Rank 0 then tells the driver where it is.
     """
-    imp_rows, importance_time = _importance_pass(work)
+    imp_rows, importance_time = _after_segment(work)
     assert work.data is not None
     world = work.fit.world
     metrics = {
@@ -693,16 +760,19 @@ def _finish(work: _SegmentWork) -> None:
     }
     name = _report_checkpoint(work, work.total_steps, final=True,
                               extra={"segment": work.segment, "metrics": metrics, "init_source": work.init_source,
-                                     "init_digest": work.init_digest,
+                                     "init_digest": work.init_digest, "steps_before": work.steps_before,
                                      "final_digest": ck.state_digest(work.module.state_dict())},
                               metrics=metrics)
     if work.rank == 0:
         work.fit.channel.put({"kind": "end", "segment": work.segment, "checkpoint": name, "metrics": metrics})
 
 
-def _importance_pass(work: _SegmentWork) -> tuple[int, float]:
-    """(rows this worker consumed, seconds) of the regularizers' importance estimation; (0, 0.0)
-    when the strategy has no worker plugins."""
+def _after_segment(work: _SegmentWork) -> tuple[int, float]:
+    """The worker plugins' end of segment; returns (rows this worker consumed for it, seconds).
+
+    Plugins that estimate something on the segment's data (MAS / EWC importance) get views of its
+    own rows (never replayed ones), at most ``regularization.importance_batches`` batches.
+    """
     strategy = work.fit.strategy
     if not strategy.worker_plugins:
         return 0, 0.0
@@ -712,14 +782,17 @@ def _importance_pass(work: _SegmentWork) -> tuple[int, float]:
     imp_batches = work.cfg.regularization.importance_batches
     imp_rows = [0]
 
-    def imp_views() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def imp_views() -> Iterator[tuple[torch.Tensor, ...]]:
         for imgs in importance_images(work.data, imp_batches, imp_rows):
             yield views(views.to_device(imgs))
 
-    def loss_fn(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        return module(v1, v2)["loss"]
+    def loss_fn(*v: torch.Tensor) -> torch.Tensor:
+        return module(*v)["loss"]
 
-    strategy.after_segment(module, imp_views(), loss_fn, imp_batches)
+    strategy.after_segment(SegmentContext(
+        segment=work.segment, steps_in_segment=work.total_steps, start_step=work.start_step, model=module,
+        rank=work.rank, world=work.fit.world, seed=work.cfg.seed,
+        batches=imp_views() if strategy.needs_segment_data else (), loss_fn=loss_fn, max_batches=imp_batches))
     return imp_rows[0], time.perf_counter() - t_imp
 
 
