@@ -77,17 +77,9 @@ import pyarrow.parquet as pq
 
 from streamssl.data import layout
 from streamssl.data.derived_domains import DerivedDomains, assign_domains, domain_counts
-from streamssl.data.ingest import (
-    IngestWarning,
-    _check_not_inside,
-    _DatasetWriter,
-    _id_hash,
-    _is_local,
-    _prepared,
-    drop_entry,
-    iso_us,
-)
-from streamssl.data.sources import IngestError, Record, Source, open_source
+from streamssl.data.ingest_decode import prepared_records
+from streamssl.data.shard_writer import DatasetWriter, check_not_inside, drop_entry, id_hash, is_local, iso_us
+from streamssl.data.sources import IngestError, IngestWarning, Record, Source, open_source
 
 __all__ = ["append_drop", "recover", "TEST_PAUSE_ENV"]
 
@@ -114,7 +106,7 @@ def _pause(point: str) -> None:
 def _sync(fs: pafs.FileSystem, path: str) -> None:
     """fsync a local file or directory, so a rename after it cannot outlive its content on a crash.
     Object stores make an object durable before acknowledging its upload: nothing to do there."""
-    if not _is_local(fs):
+    if not is_local(fs):
         return
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -164,8 +156,8 @@ def _raise_duplicates(new_ids: Iterable[str], old_ids: Iterable[str], in_old: se
                       out: str) -> None:
     """Name the ids behind duplicate hashes (a 64-bit hash collision alone is no error) and raise."""
     wanted = in_old | repeated
-    seen: Counter[str] = Counter(i for i in new_ids if _id_hash(i) in wanted)
-    existing = {i for i in old_ids if _id_hash(i) in in_old} if in_old else set()
+    seen: Counter[str] = Counter(i for i in new_ids if id_hash(i) in wanted)
+    existing = {i for i in old_ids if id_hash(i) in in_old} if in_old else set()
     already = sorted(i for i in seen if i in existing)
     twice = sorted(i for i, n in seen.items() if n > 1)
     parts = []
@@ -327,8 +319,8 @@ def append_drop(
     derived = _derivation(meta, derive_domains, out)
 
     src_obj = open_source(source, src) if isinstance(source, str) else source
-    if _is_local(fs):
-        _check_not_inside(root, src_obj.local_roots())
+    if is_local(fs):
+        check_not_inside(root, src_obj.local_roots())
     history = layout.drops(meta)
     drop = max(int(d["drop"]) for d in history) + 1
     n_old = int(meta["num_images"])
@@ -337,13 +329,13 @@ def append_drop(
     # Duplicate ids, before anything is written: the source's ids (no decoding) against the index.
     old_hashes = bytearray()
     for iid in _index_ids(fs, index_path, 0, n_old):
-        old_hashes += _id_hash(iid)
+        old_hashes += id_hash(iid)
     old_sorted = _sorted_hashes(old_hashes)
     del old_hashes
     new_hashes = bytearray()
     for rec in src_obj:
         if rec.error is None:
-            new_hashes += _id_hash(rec.image_id)
+            new_hashes += id_hash(rec.image_id)
     in_old, repeated = _duplicate_hashes(old_sorted, new_hashes)
     if in_old or repeated:
         _raise_duplicates((r.image_id for r in src_obj if r.error is None), _index_ids(fs, index_path, 0, n_old),
@@ -352,7 +344,7 @@ def append_drop(
 
     labels = _LabelMap(list(meta.get("classes") or []), src_obj.classes())
     staging = layout.join(root, layout.APPEND_DIR)
-    writer: _DatasetWriter | None = None
+    writer: DatasetWriter | None = None
     committed = False
     domain_rows: Counter[tuple[str, str | None, int | None]] = Counter()
 
@@ -362,7 +354,7 @@ def append_drop(
 
     try:
         fs.create_dir(staging, recursive=True)
-        writer = _DatasetWriter(fs, root, shard_rows, row_group_rows, drop=drop, arrived_at=arrived_at,
+        writer = DatasetWriter(fs, root, shard_rows, row_group_rows, drop=drop, arrived_at=arrived_at,
                                 index_path=layout.join(root, _STAGED_INDEX), on_shard_closed=shard_closed)
         # The old rows first, unchanged and in order: they stay the index's first n_old rows.
         cols = ["split", "domain", "label"]
@@ -391,7 +383,7 @@ def append_drop(
             records: Iterable[Record] = labels.apply(src_obj)
             if derived is not None:
                 records = assign_domains(records, derived)
-            for rec, res in _prepared(records, max_pixels, workers, derived):
+            for rec, res in prepared_records(records, max_pixels, workers, derived):
                 writer.add(rec, res)
                 if bar is not None:
                     bar.update(1)
@@ -474,7 +466,7 @@ def append_drop(
     }
 
 
-def _merged_meta(meta: dict[str, Any], w: _DatasetWriter, classes: list[str], drop: int,
+def _merged_meta(meta: dict[str, Any], w: DatasetWriter, classes: list[str], drop: int,
                  derived: DerivedDomains | None, domain_rows: Counter[tuple[str, str | None, int | None]]
                  ) -> dict[str, Any]:
     """dataset.json after the drop: everything the first ingest recorded, updated to all drops.
