@@ -56,8 +56,16 @@ import pyarrow.parquet as pq
 from streamssl.data import layout
 from streamssl.data.derived_domains import DerivedDomains, assign_domains, domain_counts
 from streamssl.data.images import DEFAULT_MAX_PIXELS
-from streamssl.data.ingest_decode import prepared_records
-from streamssl.data.shard_writer import DatasetWriter, check_not_inside, drop_entry, id_hash, is_local
+from streamssl.data.shard_writer import (
+    DatasetWriter,
+    check_not_inside,
+    check_sizes,
+    check_some_usable,
+    drop_entry,
+    id_hash,
+    is_local,
+    write_records,
+)
 from streamssl.data.sources import IngestError, IngestWarning, Source, open_source
 
 log = logging.getLogger(__name__)
@@ -169,6 +177,7 @@ def ingest(
     filesystem: pafs.FileSystem | None = None,
     derive_domains: str | DerivedDomains | None = None,
     append: bool = False,
+    max_side: int | None = None,
 ) -> dict[str, Any]:
     """Ingest images from ``source`` into a dataset at ``out``; return a JSON-able summary.
 
@@ -186,28 +195,28 @@ def ingest(
     existing dataset at ``out`` is replaced. With ``append=True`` the images are added to the
     existing dataset at ``out`` as its next drop (new shards only; see
     :mod:`streamssl.data.append`), and the three sizes default to the dataset's own.
+
+    ``max_side`` stores every image whose shorter side is larger re-encoded with that shorter
+    side (:func:`streamssl.data.images.shrink_encoded`; the index keeps the original size in
+    ``orig_width`` / ``orig_height``): training at 224 px then decodes ~256 px images instead of
+    multi-megapixel photos. It is part of the dataset's content (digest); None keeps the bytes
+    as received.
     """
     if append:
         from streamssl.data.append import append_drop
 
         return append_drop(source, out, src, shard_rows=shard_rows, row_group_rows=row_group_rows,
                            max_pixels=max_pixels, progress=progress, workers=workers, filesystem=filesystem,
-                           derive_domains=derive_domains)
+                           derive_domains=derive_domains, max_side=max_side)
     shard_rows = 10_000 if shard_rows is None else shard_rows
     row_group_rows = 1_000 if row_group_rows is None else row_group_rows
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
     t0 = time.perf_counter()
     arrived_at = time.time_ns() // 1000
-    for name, v in (("shard_rows", shard_rows), ("row_group_rows", row_group_rows), ("max_pixels", max_pixels)):
-        if not isinstance(v, int) or v < 1:
-            raise IngestError(f"{name} must be a positive integer, got {v!r}")
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1)
-    if workers < 1:
-        raise IngestError(f"workers must be >= 1, got {workers}")
+    check_sizes(shard_rows, row_group_rows, max_pixels, max_side, workers)
     derived = DerivedDomains.parse(derive_domains) if isinstance(derive_domains, str) else derive_domains
     fs, out_path = (filesystem, out.rstrip("/") or "/") if filesystem is not None else layout.resolve(out)
-
     src_obj = open_source(source, src) if isinstance(source, str) else source
     if is_local(fs):
         check_not_inside(out_path, src_obj.local_roots())
@@ -221,32 +230,14 @@ def ingest(
     try:
         writer = DatasetWriter(fs, tmp, shard_rows, row_group_rows, drop=0, arrived_at=arrived_at)
         hint = src_obj.size_hint()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(hint.values()) if hint else None, unit="img", desc=f"ingest {src_obj.name}")
-        try:
-            records = src_obj if derived is None else assign_domains(src_obj, derived)
-            for rec, res in prepared_records(records, max_pixels, workers, derived):
-                writer.add(rec, res)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        writer.close()
-        total = writer.num_ok + writer.num_failed
-        if total == 0:
-            raise IngestError(f"source {src_obj.name} ({src or 'default location'}) yielded no images")
-        if writer.num_ok == 0:
-            raise IngestError(
-                f"none of the {total} input files is a usable image; first failures: "
-                + "; ".join(writer.first_failures)
-            )
+        write_records(writer, src_obj if derived is None else assign_domains(src_obj, derived),
+                      max_pixels=max_pixels, workers=workers, derived=derived, max_side=max_side,
+                      progress=f"ingest {src_obj.name}" if progress else None,
+                      total=sum(hint.values()) if hint else None)
+        check_some_usable(writer, src_obj, src)
         _check_unique_ids(fs, layout.join(tmp, layout.INDEX_FILE), writer.id_hashes)
-        classes = _classes(src_obj, writer)
-        meta = _dataset_meta(src_obj, writer, classes, shard_rows, row_group_rows, max_pixels, derived)
+        meta = _dataset_meta(src_obj, writer, _classes(src_obj, writer), shard_rows, row_group_rows, max_pixels,
+                             derived, max_side)
         meta["drops"] = [drop_entry(src_obj, writer, meta["digest"])]
         _publish(fs, tmp, out_path, meta)
     except BaseException:
@@ -256,7 +247,11 @@ def ingest(
         if created_parent is not None:
             _remove_empty_parents(out_path, created_parent)
         raise
+    return _summary(out, src_obj, writer, meta, t0)
 
+
+def _summary(out: str, src: Source, writer: DatasetWriter, meta: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The ingest's JSON-able summary; logs and warns when files were skipped."""
     out_str = out.rstrip("/")
     report = f"{out_str}/{layout.INGEST_FAILURES_FILE}"
     if writer.num_failed:
@@ -265,22 +260,24 @@ def ingest(
             f"({', '.join(f'{k}: {n}' for k, n in sorted(writer.failed_by_kind.items()))}); see {report}"
         )
         log.info(msg)  # the warning below is what users see; the log line is for log files
-        warnings.warn(msg, IngestWarning, stacklevel=2)
+        warnings.warn(msg, IngestWarning, stacklevel=3)
     summary: dict[str, Any] = {
         "out": out_str,
-        "source": src_obj.name,
+        "source": src.name,
         "num_images": writer.num_ok,
         "counts": dict(sorted(writer.counts.items())),
-        "classes": classes,
-        "num_classes": len(classes),
+        "classes": meta["classes"],
+        "num_classes": len(meta["classes"]),
         "num_shards": len(writer.shards),
         "digest": meta["digest"],
         "num_failed": writer.num_failed,
         "report": report,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    if derived is not None:
+    if "derived_domains" in meta:
         summary["domains"] = meta["derived_domains"]["counts"]
+    if meta["ingest"].get("max_side") is not None:
+        summary["max_side"] = meta["ingest"]["max_side"]
     return summary
 
 
@@ -341,9 +338,11 @@ def _classes(src: Source, w: DatasetWriter) -> list[str]:
 
 def _dataset_meta(
     src: Source, w: DatasetWriter, classes: list[str], shard_rows: int, row_group_rows: int, max_pixels: int,
-    derived: DerivedDomains | None = None,
+    derived: DerivedDomains | None = None, max_side: int | None = None,
 ) -> dict[str, Any]:
     w.digest.update(json.dumps({"schema_version": layout.SCHEMA_VERSION, "classes": classes}).encode())
+    if max_side is not None:  # the stored images depend on it: another value, another dataset
+        w.digest.update(json.dumps({"max_side": max_side}).encode())
     if derived is not None:  # spec, seed and severities are content: other values, other dataset
         w.digest.update(json.dumps(derived.describe(), sort_keys=True).encode())
     splits = sorted(w.counts)
@@ -369,6 +368,7 @@ def _dataset_meta(
             "failed_by_kind": dict(sorted(w.failed_by_kind.items())),
             "failures_file": layout.INGEST_FAILURES_FILE,
             "max_pixels": max_pixels,
+            "max_side": max_side,
         },
     }
     if derived is not None:

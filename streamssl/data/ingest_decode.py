@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from streamssl.data.derived_domains import DerivedDomains, apply_transform, decode_pixels
-from streamssl.data.images import BadImage, encode_png, pixels_sha256, probe_image
+from streamssl.data.images import BadImage, encode_png, pixels_sha256, probe_image, shrink_encoded
 from streamssl.data.sources import IngestWarning, Record
 
 # Records per task sent to a decode worker: large enough that pickling/IPC overhead is small
@@ -49,18 +49,20 @@ def _payload(rec: Record, derived: DerivedDomains | None = None) -> tuple[str, A
     return ("error", "record has no image", None, rec.image_id)
 
 
-def _prepare(payload: tuple[str, Any, str | None, str], max_pixels: int) -> tuple:
-    """Read/encode and validate one image, then apply its derived-domain transform if any.
+def _prepare(payload: tuple[str, Any, str | None, str], max_pixels: int, max_side: int | None = None) -> tuple:
+    """Read/encode and validate one image, shrink it to ``max_side`` (:func:`shrink_encoded`),
+    then apply its derived-domain transform if any.
 
-    Returns ``("ok", data, width, height, format, sha256_hex, content_hash_hex)`` or
-    ``("bad", kind, reason)``. Runs in worker processes: only plain values cross back.
+    Returns ``("ok", data, width, height, format, sha256_hex, content_hash_hex, original_width,
+    original_height)`` or ``("bad", kind, reason)``; the content hash is that of the image as
+    received (before shrinking). Runs in worker processes: only plain values cross back.
     """
     kind, value, transform, image_id = payload
     if transform is None or kind == "error":
-        return _validate(kind, value, max_pixels)
+        return _validate(kind, value, max_pixels, max_side)
     encoded: bytes | None = None  # raw pixels need no validation beyond what encode_png checks below
     if kind != "pixels":
-        res = _validate(kind, value, max_pixels)
+        res = _validate(kind, value, max_pixels, max_side)
         if res[0] != "ok":
             return res
         encoded = res[1]
@@ -73,10 +75,12 @@ def _prepare(payload: tuple[str, Any, str | None, str], max_pixels: int) -> tupl
     except Exception as e:  # noqa: BLE001 - reported like any corrupt input, never fatal
         return ("bad", "corrupt", f"{transform} transform failed: {e}")
     sha = hashlib.sha256(data).hexdigest()
-    return ("ok", data, int(out.shape[1]), int(out.shape[0]), "PNG", sha, pixels_sha256(out))
+    h, w = (int(out.shape[0]), int(out.shape[1]))
+    orig = (res[7], res[8]) if encoded is not None else (w, h)
+    return ("ok", data, w, h, "PNG", sha, pixels_sha256(out), *orig)
 
 
-def _validate(kind: str, value: Any, max_pixels: int) -> tuple:
+def _validate(kind: str, value: Any, max_pixels: int, max_side: int | None = None) -> tuple:
     if kind == "error":
         return ("bad", "skipped", value)
     if kind == "pixels":
@@ -85,7 +89,8 @@ def _validate(kind: str, value: Any, max_pixels: int) -> tuple:
             data = encode_png(arr)
         except ValueError as e:
             return ("bad", "corrupt", str(e))
-        return ("ok", data, int(arr.shape[1]), int(arr.shape[0]), "PNG", hashlib.sha256(data).hexdigest(), pixels_sha256(arr))
+        w, h = int(arr.shape[1]), int(arr.shape[0])
+        return ("ok", data, w, h, "PNG", hashlib.sha256(data).hexdigest(), pixels_sha256(arr), w, h)
     if kind == "path":
         try:
             with open(value, "rb") as f:
@@ -98,12 +103,22 @@ def _validate(kind: str, value: Any, max_pixels: int) -> tuple:
         info = probe_image(data, max_pixels)
     except BadImage as e:
         return ("bad", e.kind, e.reason)
+    content = hashlib.sha256(data).hexdigest()
+    orig_w, orig_h = info.width, info.height
+    if max_side is not None:
+        try:
+            shrunk = shrink_encoded(data, max_side, max_pixels)
+        except Exception as e:  # noqa: BLE001 - reported like any corrupt input, never fatal
+            return ("bad", "corrupt", f"shrinking to --max-side {max_side} failed: {e}")
+        if shrunk is not None:
+            data, info = shrunk
     sha = hashlib.sha256(data).hexdigest()
-    return ("ok", data, info.width, info.height, info.format, sha, sha)
+    return ("ok", data, info.width, info.height, info.format, sha, content, orig_w, orig_h)
 
 
-def _prepare_chunk(payloads: list[tuple[str, Any, str | None, str]], max_pixels: int) -> list[tuple]:
-    return [_prepare(p, max_pixels) for p in payloads]
+def _prepare_chunk(payloads: list[tuple[str, Any, str | None, str]], max_pixels: int,
+                   max_side: int | None = None) -> list[tuple]:
+    return [_prepare(p, max_pixels, max_side) for p in payloads]
 
 
 def _pool_context() -> Any:
@@ -122,7 +137,8 @@ def _pool_context() -> Any:
 
 
 def prepared_records(
-    records: Iterable[Record], max_pixels: int, workers: int, derived: DerivedDomains | None = None
+    records: Iterable[Record], max_pixels: int, workers: int, derived: DerivedDomains | None = None,
+    max_side: int | None = None,
 ) -> Iterator[tuple[Record, tuple]]:
     """(record, result) pairs in source order; decoding fans out to ``workers`` processes.
 
@@ -146,7 +162,7 @@ def prepared_records(
         if executor is None or pool_failed:
             return None
         try:
-            return executor.submit(_prepare_chunk, payloads, max_pixels)
+            return executor.submit(_prepare_chunk, payloads, max_pixels, max_side)
         except BrokenProcessPool as e:  # noticed by submit before any result
             pool_broke(e)
             return None
@@ -160,7 +176,7 @@ def prepared_records(
                     pool_broke(e)
             except CancelledError:  # cancelled by the shutdown after a breakdown
                 pass
-        return _prepare_chunk(payloads, max_pixels)
+        return _prepare_chunk(payloads, max_pixels, max_side)
 
     done = 0
     try:

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from streamssl.data import layout
+from streamssl.data.derived_domains import DerivedDomains
+from streamssl.data.ingest_decode import prepared_records
 from streamssl.data.sources import IngestError, Record, Source
 
 # A row group is flushed at row_group_rows rows or at this many image bytes, whichever first, so
@@ -98,7 +100,7 @@ class DatasetWriter:
         if res[0] != "ok":
             self._fail(rec, res[1], res[2])
             return
-        _, data, width, height, fmt, sha, content = res
+        _, data, width, height, fmt, sha, content, orig_width, orig_height = res
         if rec.label is not None:
             prev = self.names.setdefault(rec.label, rec.class_name)
             if prev != rec.class_name:
@@ -128,6 +130,8 @@ class DatasetWriter:
         ib["split"].append(rec.split)
         ib["width"].append(width)
         ib["height"].append(height)
+        ib["orig_width"].append(orig_width)
+        ib["orig_height"].append(orig_height)
         ib["nbytes"].append(len(data))
         ib["sha256"].append(sha)
         self.digest.update(
@@ -171,6 +175,9 @@ class DatasetWriter:
         """Copy earlier rows (an existing dataset's index) into the index, before any new row."""
         if self.num_ok or self._ibatches or self._ibuf["image_id"]:
             raise RuntimeError("earlier index rows must be written before the new ones")
+        for name, stored in (("orig_width", "width"), ("orig_height", "height")):
+            if name not in table.column_names:  # indexes written before originals were recorded
+                table = table.append_column(name, table[stored])
         self._index.write_table(table.select(_INDEX_COLUMNS).cast(layout.INDEX_SCHEMA), row_group_size=table.num_rows)
 
     def _open_shard(self) -> None:
@@ -292,3 +299,48 @@ def drop_entry(src: Source, w: DatasetWriter, digest: str) -> dict[str, Any]:
     }
 
 
+
+
+def write_records(writer: DatasetWriter, records: Iterable[Record], *, max_pixels: int, workers: int,
+                  derived: DerivedDomains | None, max_side: int | None, progress: str | None = None,
+                  total: int | None = None) -> None:
+    """Validate (and shrink / derive) ``records`` in decode workers and write them with ``writer``.
+
+    ``progress`` is a tqdm bar label (None: no bar), ``total`` the bar's expected count.
+    """
+    bar = None
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc=progress)
+    try:
+        for rec, res in prepared_records(records, max_pixels, workers, derived, max_side):
+            writer.add(rec, res)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    writer.close()
+
+
+def check_some_usable(writer: DatasetWriter, src: Source, location: str | None) -> None:
+    """Fail when the source yielded nothing, or nothing usable (its first failures named)."""
+    total = writer.num_ok + writer.num_failed
+    if total == 0:
+        raise IngestError(f"source {src.name} ({location or 'default location'}) yielded no images")
+    if writer.num_ok == 0:
+        raise IngestError(f"none of the {total} input files is a usable image; first failures: "
+                          + "; ".join(writer.first_failures))
+
+
+def check_sizes(shard_rows: int, row_group_rows: int, max_pixels: int, max_side: int | None,
+                workers: int) -> None:
+    """The sizes an ingest or append is given: positive integers, named in the error."""
+    for name, v in (("shard_rows", shard_rows), ("row_group_rows", row_group_rows), ("max_pixels", max_pixels)):
+        if not isinstance(v, int) or v < 1:
+            raise IngestError(f"{name} must be a positive integer, got {v!r}")
+    if max_side is not None and (not isinstance(max_side, int) or max_side < 8):
+        raise IngestError(f"max_side must be an integer >= 8 (pixels of the shorter side), got {max_side!r}")
+    if workers < 1:
+        raise IngestError(f"workers must be >= 1, got {workers}")
