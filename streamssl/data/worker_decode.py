@@ -60,13 +60,16 @@ def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
 def _pillow(data: bytes, size: int, channels: int, device: torch.device) -> torch.Tensor:
     from streamssl.data.images import decode_to_array
 
-    return torch.from_numpy(decode_to_array(data, size, channels)).to(device)
+    pixels = decode_to_array(data, size, channels)
+    return torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy()).to(device)
 
 
 def _jpeg_many(datas: list[bytes], channels: int, device: torch.device) -> list[torch.Tensor | None]:
     """Decode JPEGs on ``device``; one batched call, per image again if any of them fails."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if not datas:
+        return []
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
@@ -107,3 +110,14 @@ def decode_encoded(encoded: Sequence[bytes | None], size: int, channels: int,
             continue
         valid[i] = True
     return images, valid
+
+
+class WorkerDecoder:
+    """Decodes the batches of a ``decode="worker"`` Ray dataset (encoded ``image`` column) on
+    ``device``: a batch dict in, ``(uint8 images (N, C, size, size) on device, valid mask)`` out."""
+
+    def __init__(self, size: int, channels: int, device: torch.device | str) -> None:
+        self.size, self.channels, self.device = size, channels, torch.device(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+        return decode_encoded(batch["image"], self.size, self.channels, self.device)
