@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from streamssl.data.images import decode_to_array
-from streamssl.data.worker_decode import WorkerDecoder, decode_encoded, is_jpeg
+from streamssl.data.worker_decode import WorkerDecoder, apply_orientation, decode_encoded, is_jpeg
 from streamssl.train.worker import BatchSource
 from tests.photos import VARIANTS, encode, random_crop, shipped_photos
 
@@ -46,6 +46,28 @@ def test_without_draft_scaling_jpeg_decodes_agree_to_the_last_bit() -> None:
     images, valid = decode_encoded([china], 224, 3)
     assert valid.all()
     assert np.abs(images[0].numpy().astype(int) - decode_to_array(china, 224, 3).astype(int)).max() <= 1
+
+
+def test_every_exif_orientation_is_turned_like_pillow_turns_it() -> None:
+    import io
+
+    from PIL import ImageOps
+
+    photo = random_crop(Image.open(shipped_photos()["grace_hopper"]).convert("RGB"), np.random.default_rng(1))
+    photo = photo.resize((48, 32))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        photo.save(buf, "PNG", exif=exif.tobytes())
+        stored = Image.open(io.BytesIO(buf.getvalue()))
+        want = np.asarray(ImageOps.exif_transpose(stored)).transpose(2, 0, 1)
+        got = apply_orientation(torch.from_numpy(np.asarray(stored).transpose(2, 0, 1).copy()), orientation)
+        assert np.array_equal(got.numpy(), want), orientation
+    # and through the JPEG decoder: orientation 6 of tests/photos.py comes out upright
+    upright = photo.resize((64, 96))
+    images, _ = decode_encoded([encode(upright, "jpeg"), encode(upright, "jpeg_exif_rotated")], 32, 3)
+    assert np.abs(images[0].numpy().astype(int) - images[1].numpy().astype(int)).mean() < 3
 
 
 def test_bad_rows_are_zeros_marked_invalid_and_counted_like_the_ray_data_path() -> None:

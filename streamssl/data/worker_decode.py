@@ -6,7 +6,9 @@ With ``data.decode: ray_data`` (the default) Ray Data's CPU tasks decode every i
 150 KB of pixels) and each training worker decodes its own batches here:
 
 * JPEG with ``torchvision.io.decode_jpeg`` on the worker's device: nvJPEG on a GPU (the whole
-  batch in one call), libjpeg-turbo on a CPU; EXIF orientation applied, as the Pillow path does;
+  batch in one call), libjpeg-turbo on a CPU; EXIF orientation applied, as the Pillow path does
+  (read from the header with Pillow and applied here on every device: torchvision's own
+  ``apply_exif_orientation`` is ignored on CUDA in torchvision 0.29);
 * every other format (PNG, WEBP, GIF, TIFF, 16-bit...) and any JPEG that torchvision refuses
   with Pillow on the CPU, exactly as the Ray Data path decodes it;
 * the same geometry as :func:`~streamssl.data.images.decode_to_array`: shorter side resized to
@@ -57,6 +59,38 @@ def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     return out[..., top:top + size, left:left + size]
 
 
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag of encoded image bytes (1 = upright; header parse only)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        return int(Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable header decodes upright (or fails to decode)
+        return 1
+
+
+def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as a viewer shows an image with this EXIF orientation (values 2-8 flip and/or
+    turn it; anything else leaves it as it is), the same turn Pillow's ``exif_transpose`` makes."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return img.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return img.transpose(-1, -2).flip(-2)
+    return img
+
+
 def _pillow(data: bytes, size: int, channels: int, device: torch.device) -> torch.Tensor:
     from streamssl.data.images import decode_to_array
 
@@ -73,15 +107,15 @@ def _jpeg_many(datas: list[bytes], channels: int, device: torch.device) -> list[
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
-        return list(decode_jpeg(tensors, mode=mode, device=device, apply_exif_orientation=True))
+        decoded: list[torch.Tensor | None] = list(decode_jpeg(tensors, mode=mode, device=device))
     except RuntimeError:
-        out: list[torch.Tensor | None] = []
+        decoded = []
         for t in tensors:
             try:
-                out.append(decode_jpeg(t, mode=mode, device=device, apply_exif_orientation=True))
+                decoded.append(decode_jpeg(t, mode=mode, device=device))
             except RuntimeError:
-                out.append(None)
-        return out
+                decoded.append(None)
+    return [None if img is None else apply_orientation(img, exif_orientation(d)) for img, d in zip(decoded, datas)]
 
 
 def decode_encoded(encoded: Sequence[bytes | None], size: int, channels: int,
