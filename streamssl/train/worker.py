@@ -202,12 +202,14 @@ def repair_invalid(images: Any, valid: np.ndarray, rng: np.random.Generator) -> 
     good = np.flatnonzero(valid)
     if good.size == 0:
         raise RuntimeError("a whole batch failed to decode")
-    images = images.clone() if isinstance(images, torch.Tensor) else images.copy()
     pick = rng.choice(good, size=bad.size)
     if isinstance(images, torch.Tensor):
-        bad, pick = torch.as_tensor(bad, device=images.device), torch.as_tensor(pick, device=images.device)
-    images[bad] = images[pick]
-    return images, int(bad.size if isinstance(bad, np.ndarray) else bad.numel())
+        images = images.clone()
+        images[torch.as_tensor(bad, device=images.device)] = images[torch.as_tensor(pick, device=images.device)]
+    else:
+        images = images.copy()
+        images[bad] = images[pick]
+    return images, int(bad.size)
 
 
 class BatchSource:
