@@ -117,3 +117,18 @@ def test_shrink_encoded_keeps_format_and_converts_the_rest() -> None:
         assert (im.format, im.size, info.format) == (fmt, (150, 100), fmt), variant
         im.load()
     assert shrink_encoded(encode(photo, "jpeg"), 427) is None  # already small enough
+
+
+def test_append_to_an_index_written_before_original_sizes_were_recorded(folder: Path, tmp_path: Path) -> None:
+    ds = tmp_path / "ds"
+    ingest("folder", str(ds), src=str(folder))
+    old = pq.read_table(ds / layout.INDEX_FILE)
+    pq.write_table(old.drop_columns(["orig_width", "orig_height"]), ds / layout.INDEX_FILE)  # as older versions wrote it
+    drop = tmp_path / "drop" / "b"
+    drop.mkdir(parents=True)
+    (drop / "flower.jpg").write_bytes(shipped_photos()["flower"].read_bytes())
+    ingest("folder", str(ds), src=str(drop.parent), append=True)
+    index = pq.read_table(ds / layout.INDEX_FILE)
+    assert index.schema.equals(layout.INDEX_SCHEMA) and index.num_rows == 5
+    assert index["orig_width"].to_pylist() == index["width"].to_pylist()
+    assert index["orig_height"].to_pylist() == index["height"].to_pylist()
