@@ -12,7 +12,8 @@ Decoders compared, on the same photos:
   tasks run per image (draft + EXIF orientation + resize + crop);
 * ``torchvision_decode_jpeg``: :func:`streamssl.data.worker_decode.decode_encoded` on the CPU
   (``torchvision.io.decode_jpeg`` + antialiased resize + crop), what ``data.decode: worker``
-  runs on a worker without a GPU; batches of 32;
+  runs on a worker without a GPU; batches of 32; with a CUDA device also on the GPU (nvJPEG,
+  batches of 64, images per wall-clock second);
 * the last two again on the photos as ``streamssl ingest --max-side M`` stores them
   (:func:`streamssl.data.images.shrink_encoded`);
 * ``ray_data_pipeline`` (``--pipeline``): the photos ingested into a temporary dataset and read
@@ -109,6 +110,35 @@ def measure(cases: dict[str, tuple[Callable[[list[bytes]], object], list[bytes],
     return out
 
 
+def measure_cuda(datas: list[bytes], size: int, max_sides: list[int], rounds: int, batch: int = 64) -> dict[str, dict]:
+    """``data.decode: worker`` on a GPU: nvJPEG batch decode + resize, images per wall-clock second
+    (CUDA synchronised after every batch; the host CPU time is reported beside it)."""
+    import torch
+
+    from streamssl.data.images import shrink_encoded
+    from streamssl.data.worker_decode import decode_encoded
+
+    out = {}
+    for m in [None, *max_sides]:
+        stored = datas if m is None else [(shrink_encoded(d, m) or (d, None))[0] for d in datas]
+        many = (stored * (batch // len(stored) + 1))[:batch]
+        decode_encoded(many, size, 3, "cuda")  # warm-up: CUDA context, nvJPEG handles
+        torch.cuda.synchronize()
+        walls, cpus = [], []
+        for _ in range(rounds):
+            w0, c0 = time.perf_counter(), time.process_time()
+            decode_encoded(many, size, 3, "cuda")
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - w0) / batch)
+            cpus.append((time.process_time() - c0) / batch)
+        key = "torchvision_decode_jpeg_cuda" + ("" if m is None else f"@max_side_{m}")
+        out[key] = {"images_per_wall_s_best": round(1 / min(walls), 1),
+                    "images_per_wall_s_median": round(1 / statistics.median(walls), 1),
+                    "host_cpu_ms_per_image": round(1000 * statistics.median(cpus), 3),
+                    "images": batch * rounds, "device": torch.cuda.get_device_name()}
+    return out
+
+
 def pipeline_rate(photos: list[str], size: int, repeat: int, max_sides: list[int | None]) -> dict[str, dict]:
     """Ray Data read_rows over ingested copies of the photos (as received, and per ``--max-side``),
     with a 1-CPU Ray cluster."""
@@ -198,15 +228,17 @@ def main() -> None:
         cases[f"streamssl_ray_data@max_side_{m}"] = (one_by_one["streamssl_ray_data"], small, 1)
         cases[f"torchvision_decode_jpeg@max_side_{m}"] = (worker, small, 32)
     results = measure(cases, args.rounds)
+    if torch.cuda.is_available():
+        results.update(measure_cuda(datas, size, args.max_side, args.rounds))
     for name, r in results.items():
-        print(f"{name:40s} {r['images_per_cpu_s']:8.1f} img per CPU-s  (wall best {r['images_per_wall_s_best']:.1f})",
-              flush=True)
+        per_cpu = f"{r['images_per_cpu_s']:8.1f} img per CPU-s" if "images_per_cpu_s" in r else f"{'':21s}"
+        print(f"{name:40s} {per_cpu}  (wall best {r['images_per_wall_s_best']:.1f} img/s)", flush=True)
     if args.pipeline:
         for key, r in pipeline_rate(paths, size, args.pipeline_repeat, [None, *args.max_side]).items():
             results[key] = r
             print(f"{key:40s} {r['images_per_s']:8.1f} img/s (num_cpus=1)", flush=True)
-    cores = {name: {str(int(t)): round(t / r.get("images_per_cpu_s", r.get("images_per_s")), 1) for t in args.target}
-             for name, r in results.items()}
+    cores = {name: {str(int(t)): round(t / r["images_per_cpu_s"], 1) for t in args.target}
+             for name, r in results.items() if "images_per_cpu_s" in r}
     report = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": {"cpus": os.cpu_count(), "processor": _cpu_name(), "python": platform.python_version(),

@@ -26,6 +26,11 @@ How it stays correct at any size:
   append=True)`` adds later drops as new shards without touching existing ones
   (:mod:`streamssl.data.append`).
 
+With ``max_side`` (``ingest --max-side S``) images whose shorter side is larger than S are
+stored re-encoded at S (:func:`streamssl.data.images.shrink_encoded`); the index keeps their
+original size (``orig_width``, ``orig_height``), their content hash stays that of the bytes as
+received, and S itself is part of the digest.
+
 The content hash of an image is the SHA-256 of its bytes as received, except for sources that
 deliver raw pixels (IDX): their PNG encoding depends on the zlib build inside Pillow, so their
 digest uses a hash of the pixels instead. The index's ``sha256`` column is always the hash of
