@@ -18,9 +18,9 @@ A row that neither decoder can read comes back ``valid=False`` (a zero image), e
 Ray Data path's ``valid`` column, so the trainer repairs and counts it the same way.
 
 The two paths agree closely but not bit for bit on JPEGs: Pillow decodes large JPEGs at a
-reduced DCT scale (``draft``) before resizing, torchvision decodes at full size, and nvJPEG's
-IDCT differs from libjpeg-turbo's in the last bit (``tests/test_worker_decode.py`` bounds the
-difference on real photos).
+reduced DCT scale (``draft``) before resizing, torchvision decodes at full size
+(``tests/test_worker_decode.py`` bounds the difference on real photos, on the CPU; nvJPEG's
+output on a GPU has not been compared here).
 """
 
 from __future__ import annotations
