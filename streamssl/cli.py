@@ -31,7 +31,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from streamssl.data.ingest import ingest
 
     summary = ingest(a.source, a.out, src=a.src, shard_rows=a.shard_rows, progress=not a.quiet,
-                     derive_domains=a.derive_domains, append=a.append)
+                     derive_domains=a.derive_domains, append=a.append, max_side=a.max_side)
     _print_json(summary)
     return 0
 
@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--append", action="store_true",
                    help="add the images to the existing dataset at --out as a new drop (new shards only; "
                         "duplicate image ids are refused; a failed or killed append changes nothing)")
+    s.add_argument("--max-side", type=int, default=None, metavar="S",
+                   help="store images whose shorter side is larger than S px re-encoded with shorter side S "
+                        "(original size kept in the index); e.g. 256 for training at 224 px: decoding then "
+                        "costs ~6x less CPU (benchmarks/README.md). Default: store images as received")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
 

@@ -51,6 +51,11 @@ class DataConfig(_Section):
     # Rows each training worker keeps in Ray Data's local shuffle buffer to mix its stream of a
     # segment (plan order is class- or shard-grouped); 0 = train in plan order. See train/worker.py.
     shuffle_buffer: int = Field(2048, ge=0)
+    # Where images are decoded: "ray_data" = in Ray Data's CPU tasks (Pillow), workers get uint8
+    # pixels; "worker" = Ray Data ships the encoded bytes and each training worker decodes its
+    # batches on its own device (torchvision.io.decode_jpeg on its GPU, else on its CPU; other
+    # formats with Pillow). Same resize and crop either way (streamssl.data.worker_decode).
+    decode: Literal["ray_data", "worker"] = "ray_data"
 
 
 class StreamConfig(_Section):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from streamssl.data import ingest as ingest_mod
+from streamssl.data import ingest_decode as ingest_mod
 from streamssl.data import layout
 from streamssl.data.derived_domains import (
     TRANSFORMS,

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from streamssl.data import ingest as ingest_mod
+from streamssl.data import ingest_decode as ingest_mod
 from streamssl.data import layout
 from streamssl.data.images import BadImage, decode_to_array, probe_image
 from streamssl.data.ingest import IngestError, IngestWarning, ingest

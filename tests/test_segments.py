@@ -211,6 +211,15 @@ def test_corrupt_bytes_give_invalid_rows(ds_pairs: tuple[str, str], tmp_path: Pa
     assert invalid == bad_ids
     assert not got["image"][~got["valid"]].any()  # zero images for the bad rows
     assert got["image"][got["valid"]].reshape(int(got["valid"].sum()), -1).any(axis=1).all()
+    # data.decode=worker: the same rows as stored bytes; the worker's decoder marks the same rows
+    # invalid and makes the same images.
+    from streamssl.data.worker_decode import WorkerDecoder
+
+    encoded = _collect(S.read_segments(str(copy), plan, 1, image_size=16, channels=1, decode="worker"))
+    assert "valid" not in encoded and encoded["image_id"].tolist() == got["image_id"].tolist()
+    assert encoded["image"][0] == _shard_bytes(str(copy), encoded["image_id"][0])
+    images, valid = WorkerDecoder(16, 1, "cpu")(encoded)
+    assert valid.tolist() == got["valid"].tolist() and np.array_equal(images.numpy(), got["image"])
 
 
 @pytest.mark.ray

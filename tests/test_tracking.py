@@ -116,6 +116,7 @@ def make_stream(tmp: Path, *, tracking_uri: str | None = None, experiment: str =
             "label": pa.array([i % 4 for i in range(20)], pa.int32()), "class_name": [f"c{i % 4}" for i in range(20)],
             "domain": pa.array([None] * 20, pa.string()), "timestamp": pa.array([None] * 20, layout.TIMESTAMP_TYPE),
             "split": ["train"] * 20, "width": pa.array([28] * 20, pa.int32()), "height": pa.array([28] * 20, pa.int32()),
+            "orig_width": pa.array([28] * 20, pa.int32()), "orig_height": pa.array([28] * 20, pa.int32()),
             "nbytes": pa.array([100] * 20, pa.int64()), "sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
         }, schema=layout.INDEX_SCHEMA)
         pq.write_table(index, data / layout.INDEX_FILE)

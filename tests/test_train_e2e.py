@@ -192,12 +192,14 @@ def test_run_ending_while_a_callback_blocks_records_every_segment(tmp_path, tiny
     from streamssl.config import Config
     from streamssl.train.driver import train
 
-    cfg = Config.model_validate({"name": "race", **stream_config(tiny_dataset, ray_local)})
+    # Decoding on the training workers (data.decode: worker): Ray Data ships encoded bytes here.
+    cfg = Config.model_validate({"name": "race", **stream_config(tiny_dataset, ray_local, data={"decode": "worker"})})
     cb = _BlockAfterFirstSegment()
     results = train(cfg, tmp_path / "run", callbacks=[cb])
     assert [r.segment for r in results] == [0, 1] and cb.ended == [0, 1]
     assert [c["segment"] for c in _state(tmp_path / "run")["completed"]] == [0, 1]
     assert _meta(tmp_path / "run", 1)["init_digest"] == _meta(tmp_path / "run", 0)["final_digest"]
+    assert all(r.metrics["train/skipped_images"] == 0 and r.metrics["train/images_seen"] > 0 for r in results)
 
 
 class _FailAfterTraining(_BlockAfterFirstSegment):

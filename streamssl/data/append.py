@@ -68,6 +68,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,17 +78,19 @@ import pyarrow.parquet as pq
 
 from streamssl.data import layout
 from streamssl.data.derived_domains import DerivedDomains, assign_domains, domain_counts
-from streamssl.data.ingest import (
-    IngestWarning,
-    _check_not_inside,
-    _DatasetWriter,
-    _id_hash,
-    _is_local,
-    _prepared,
+from streamssl.data.images import DEFAULT_MAX_PIXELS
+from streamssl.data.shard_writer import (
+    DatasetWriter,
+    check_not_inside,
+    check_sizes,
+    check_some_usable,
     drop_entry,
+    id_hash,
+    is_local,
     iso_us,
+    write_records,
 )
-from streamssl.data.sources import IngestError, Record, Source, open_source
+from streamssl.data.sources import IngestError, IngestWarning, Record, Source, open_source
 
 __all__ = ["append_drop", "recover", "TEST_PAUSE_ENV"]
 
@@ -114,7 +117,7 @@ def _pause(point: str) -> None:
 def _sync(fs: pafs.FileSystem, path: str) -> None:
     """fsync a local file or directory, so a rename after it cannot outlive its content on a crash.
     Object stores make an object durable before acknowledging its upload: nothing to do there."""
-    if not _is_local(fs):
+    if not is_local(fs):
         return
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -164,8 +167,8 @@ def _raise_duplicates(new_ids: Iterable[str], old_ids: Iterable[str], in_old: se
                       out: str) -> None:
     """Name the ids behind duplicate hashes (a 64-bit hash collision alone is no error) and raise."""
     wanted = in_old | repeated
-    seen: Counter[str] = Counter(i for i in new_ids if _id_hash(i) in wanted)
-    existing = {i for i in old_ids if _id_hash(i) in in_old} if in_old else set()
+    seen: Counter[str] = Counter(i for i in new_ids if id_hash(i) in wanted)
+    existing = {i for i in old_ids if id_hash(i) in in_old} if in_old else set()
     already = sorted(i for i in seen if i in existing)
     twice = sorted(i for i, n in seen.items() if n > 1)
     parts = []
@@ -280,6 +283,25 @@ def recover(out: str, *, filesystem: pafs.FileSystem | None = None) -> str:
 # --------------------------------------------------------------------------- append
 
 
+@dataclass(frozen=True)
+class _DropPlan:
+    """What an append settled before writing: sizes, the drop's number, the dataset as it was."""
+
+    meta: dict[str, Any]  # dataset.json before the append
+    shard_rows: int
+    row_group_rows: int
+    max_pixels: int
+    max_side: int | None
+    workers: int
+    derived: DerivedDomains | None
+    drop: int
+    n_old: int  # images in the dataset before the append
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return layout.drops(self.meta)
+
+
 def append_drop(
     source: str | Source,
     out: str,
@@ -292,12 +314,14 @@ def append_drop(
     workers: int | None = None,
     filesystem: pafs.FileSystem | None = None,
     derive_domains: str | DerivedDomains | None = None,
+    max_side: int | None = None,
 ) -> dict[str, Any]:
     """Add the images of ``source`` to the dataset at ``out`` as its next drop; return a summary.
 
     Arguments as for :func:`streamssl.data.ingest.ingest`; ``shard_rows``, ``row_group_rows`` and
-    ``max_pixels`` default to the dataset's own. See the module docstring for what is checked and
-    how the dataset stays consistent when this fails or is killed.
+    ``max_pixels`` default to the dataset's own; ``max_side`` must be the dataset's own (None: use it)
+    so every drop is stored alike. See the module docstring for what is checked and how the
+    dataset stays consistent when this fails or is killed.
     """
     t0 = time.perf_counter()
     arrived_at = time.time_ns() // 1000
@@ -306,55 +330,17 @@ def append_drop(
         raise IngestError(f"--append: {out} is not an ingested dataset ({layout.DATASET_FILE} missing); "
                           "ingest the first drop without --append")
     recovered = recover(root, filesystem=fs)
-    meta = layout.read_json(fs, layout.join(root, layout.DATASET_FILE))
-    if meta.get("schema_version") != layout.SCHEMA_VERSION:
-        raise IngestError(f"--append: {out} has schema version {meta.get('schema_version')!r}, this streamssl "
-                          f"writes {layout.SCHEMA_VERSION}; re-ingest it without --append")
-    shard_rows = int(meta.get("shard_rows", 10_000)) if shard_rows is None else shard_rows
-    row_group_rows = int(meta.get("row_group_rows", 1_000)) if row_group_rows is None else row_group_rows
-    if max_pixels is None:
-        max_pixels = int((meta.get("ingest") or {}).get("max_pixels") or 0) or None
-    from streamssl.data.images import DEFAULT_MAX_PIXELS
-
-    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    for name, v in (("shard_rows", shard_rows), ("row_group_rows", row_group_rows), ("max_pixels", max_pixels)):
-        if not isinstance(v, int) or v < 1:
-            raise IngestError(f"{name} must be a positive integer, got {v!r}")
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1)
-    if workers < 1:
-        raise IngestError(f"workers must be >= 1, got {workers}")
-    derived = _derivation(meta, derive_domains, out)
-
+    plan = _plan_drop(layout.read_json(fs, layout.join(root, layout.DATASET_FILE)), out, shard_rows=shard_rows,
+                      row_group_rows=row_group_rows, max_pixels=max_pixels, max_side=max_side, workers=workers,
+                      derive_domains=derive_domains)
     src_obj = open_source(source, src) if isinstance(source, str) else source
-    if _is_local(fs):
-        _check_not_inside(root, src_obj.local_roots())
-    history = layout.drops(meta)
-    drop = max(int(d["drop"]) for d in history) + 1
-    n_old = int(meta["num_images"])
-    index_path = layout.join(root, layout.INDEX_FILE)
-
-    # Duplicate ids, before anything is written: the source's ids (no decoding) against the index.
-    old_hashes = bytearray()
-    for iid in _index_ids(fs, index_path, 0, n_old):
-        old_hashes += _id_hash(iid)
-    old_sorted = _sorted_hashes(old_hashes)
-    del old_hashes
-    new_hashes = bytearray()
-    for rec in src_obj:
-        if rec.error is None:
-            new_hashes += _id_hash(rec.image_id)
-    in_old, repeated = _duplicate_hashes(old_sorted, new_hashes)
-    if in_old or repeated:
-        _raise_duplicates((r.image_id for r in src_obj if r.error is None), _index_ids(fs, index_path, 0, n_old),
-                          in_old, repeated, out)
-    del new_hashes
-
-    labels = _LabelMap(list(meta.get("classes") or []), src_obj.classes())
+    if is_local(fs):
+        check_not_inside(root, src_obj.local_roots())
+    old_sorted = _check_source_ids(fs, root, plan.n_old, src_obj, out)
+    labels = _LabelMap(list(plan.meta.get("classes") or []), src_obj.classes())
     staging = layout.join(root, layout.APPEND_DIR)
-    writer: _DatasetWriter | None = None
+    writer: DatasetWriter | None = None
     committed = False
-    domain_rows: Counter[tuple[str, str | None, int | None]] = Counter()
 
     def shard_closed(path: str) -> None:
         _sync(fs, path)
@@ -362,100 +348,169 @@ def append_drop(
 
     try:
         fs.create_dir(staging, recursive=True)
-        writer = _DatasetWriter(fs, root, shard_rows, row_group_rows, drop=drop, arrived_at=arrived_at,
-                                index_path=layout.join(root, _STAGED_INDEX), on_shard_closed=shard_closed)
-        # The old rows first, unchanged and in order: they stay the index's first n_old rows.
-        cols = ["split", "domain", "label"]
-        pf = pq.ParquetFile(index_path, filesystem=fs)
-        row = 0
-        for batch in pf.iter_batches(batch_size=65_536):
-            take = min(batch.num_rows, n_old - row)
-            if take <= 0:
-                break
-            table = pa.Table.from_batches([batch.slice(0, take)])
-            writer.write_index_rows(table)
-            if derived is not None:
-                for r in table.select(cols).group_by(cols).aggregate([([], "count_all")]).to_pylist():
-                    domain_rows[(r["split"], r["domain"], r["label"])] += r["count_all"]
-            row += take
-        if row != n_old:
-            raise IngestError(f"{out}: {layout.INDEX_FILE} has {row} rows, {layout.DATASET_FILE} says {n_old}")
-
-        hint = src_obj.size_hint()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(hint.values()) if hint else None, unit="img", desc=f"append {src_obj.name}")
-        try:
-            records: Iterable[Record] = labels.apply(src_obj)
-            if derived is not None:
-                records = assign_domains(records, derived)
-            for rec, res in _prepared(records, max_pixels, workers, derived):
-                writer.add(rec, res)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        writer.close()
-        total = writer.num_ok + writer.num_failed
-        if total == 0:
-            raise IngestError(f"source {src_obj.name} ({src or 'default location'}) yielded no images")
-        if writer.num_ok == 0:
-            raise IngestError(f"none of the {total} input files is a usable image; first failures: "
-                              + "; ".join(writer.first_failures))
-        # The rows actually written (the source may have changed since the first read).
-        in_old, repeated = _duplicate_hashes(old_sorted, writer.id_hashes)
-        if in_old or repeated:
-            staged = layout.join(root, _STAGED_INDEX)
-            _raise_duplicates(_index_ids(fs, staged, n_old), _index_ids(fs, index_path, 0, n_old),
-                              in_old, repeated, out)
-
-        new_meta = _merged_meta(meta, writer, labels.classes, drop, derived, domain_rows)
-        new_meta["drops"] = [*history, drop_entry(src_obj, writer, new_meta["digest"])]
-        layout.write_json(fs, layout.join(root, _STAGED_META), new_meta)
-        for path in (layout.join(root, _STAGED_INDEX), layout.join(root, _STAGED_META),
-                     layout.join(root, layout.failures_file(drop)), layout.join(root, layout.SHARDS_DIR), staging):
-            _sync(fs, path)
-        _pause("staged")
-        marker = layout.join(staging, layout.APPEND_COMMIT_FILE)
-        layout.write_json(fs, marker + ".tmp", {"drop": drop, "digest": new_meta["digest"],
-                                                "index": _STAGED_INDEX, "dataset": _STAGED_META})
-        _sync(fs, marker + ".tmp")
-        fs.move(marker + ".tmp", marker)
-        _sync(fs, staging)
+        writer = DatasetWriter(fs, root, plan.shard_rows, plan.row_group_rows, drop=plan.drop, arrived_at=arrived_at,
+                               index_path=layout.join(root, _STAGED_INDEX), on_shard_closed=shard_closed)
+        domain_rows = _copy_old_index(fs, root, plan, writer, out)
+        _write_drop(src_obj, src, labels, plan, writer, progress)
+        _check_written_ids(fs, root, plan.n_old, old_sorted, writer, out)
+        new_meta = _merged_meta(plan.meta, writer, labels.classes, plan.drop, plan.derived, domain_rows)
+        new_meta["drops"] = [*plan.history, drop_entry(src_obj, writer, new_meta["digest"])]
+        _stage(fs, root, new_meta, plan.drop)
+        _commit(fs, root, new_meta, plan.drop)
         committed = True  # the commit point
         _pause("committed")
         _install(fs, root)
     except BaseException as e:
         if not committed:
-            if writer is not None:
-                writer.abort()
-            try:
-                if layout.exists(fs, staging):
-                    fs.delete_dir(staging)
-                _remove_strays(fs, root, meta)
-            except Exception as cleanup:  # noqa: BLE001 - the next append retries; keep the real error
-                warnings.warn(f"could not clean up after the failed append ({cleanup}); the next append "
-                              "will", IngestWarning, stacklevel=2)
+            _undo(fs, root, plan.meta, writer)
             raise
         if isinstance(e, Exception):
-            raise IngestError(f"the append of drop {drop} to {out} is committed but not fully installed ({e}); "
-                              "the next `ingest --append` on this dataset completes it") from e
+            raise IngestError(f"the append of drop {plan.drop} to {out} is committed but not fully installed "
+                              f"({e}); the next `ingest --append` on this dataset completes it") from e
         raise
+    return _summary(out, src_obj, plan, writer, new_meta, labels, recovered, arrived_at, t0)
 
+
+def _plan_drop(meta: dict[str, Any], out: str, *, shard_rows: int | None, row_group_rows: int | None,
+               max_pixels: int | None, max_side: int | None, workers: int | None,
+               derive_domains: str | DerivedDomains | None) -> _DropPlan:
+    """Check the dataset can take a drop and settle the drop's sizes (the dataset's by default)."""
+    if meta.get("schema_version") != layout.SCHEMA_VERSION:
+        raise IngestError(f"--append: {out} has schema version {meta.get('schema_version')!r}, this streamssl "
+                          f"writes {layout.SCHEMA_VERSION}; re-ingest it without --append")
+    ingested = meta.get("ingest") or {}
+    shard_rows = int(meta.get("shard_rows", 10_000)) if shard_rows is None else shard_rows
+    row_group_rows = int(meta.get("row_group_rows", 1_000)) if row_group_rows is None else row_group_rows
+    if max_pixels is None:
+        max_pixels = int(ingested.get("max_pixels") or 0) or DEFAULT_MAX_PIXELS
+    have_side = ingested.get("max_side")
+    if max_side is not None and max_side != have_side:
+        raise IngestError(f"--max-side {max_side}: {out} was ingested with "
+                          + (f"--max-side {have_side}" if have_side else "images stored as received")
+                          + "; an append always uses the dataset's own (leave the flag out)")
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    check_sizes(shard_rows, row_group_rows, max_pixels, have_side, workers)
+    return _DropPlan(meta=meta, shard_rows=shard_rows, row_group_rows=row_group_rows, max_pixels=max_pixels,
+                     max_side=have_side, workers=workers, derived=_derivation(meta, derive_domains, out),
+                     drop=max(int(d["drop"]) for d in layout.drops(meta)) + 1, n_old=int(meta["num_images"]))
+
+
+def _check_source_ids(fs: pafs.FileSystem, root: str, n_old: int, src: Source, out: str) -> np.ndarray:
+    """Duplicate ids, before anything is written: the source's ids (no decoding) against the
+    index. Returns the sorted 8-byte hashes of the dataset's ids (for the check after writing)."""
+    index_path = layout.join(root, layout.INDEX_FILE)
+    old_hashes = bytearray()
+    for iid in _index_ids(fs, index_path, 0, n_old):
+        old_hashes += id_hash(iid)
+    old_sorted = _sorted_hashes(old_hashes)
+    del old_hashes
+    new_hashes = bytearray()
+    for rec in src:
+        if rec.error is None:
+            new_hashes += id_hash(rec.image_id)
+    in_old, repeated = _duplicate_hashes(old_sorted, new_hashes)
+    if in_old or repeated:
+        _raise_duplicates((r.image_id for r in src if r.error is None), _index_ids(fs, index_path, 0, n_old),
+                          in_old, repeated, out)
+    return old_sorted
+
+
+def _copy_old_index(fs: pafs.FileSystem, root: str, plan: _DropPlan, writer: DatasetWriter, out: str
+                    ) -> Counter[tuple[str, str | None, int | None]]:
+    """The old rows first, unchanged and in order (they stay the index's first ``n_old`` rows);
+    returns their (split, domain, label) counts where the dataset has derived domains."""
+    domain_rows: Counter[tuple[str, str | None, int | None]] = Counter()
+    index_path = layout.join(root, layout.INDEX_FILE)
+    cols = ["split", "domain", "label"]
+    pf = pq.ParquetFile(index_path, filesystem=fs)
+    row = 0
+    for batch in pf.iter_batches(batch_size=65_536):
+        take = min(batch.num_rows, plan.n_old - row)
+        if take <= 0:
+            break
+        table = pa.Table.from_batches([batch.slice(0, take)])
+        writer.write_index_rows(table)
+        if plan.derived is not None:
+            for r in table.select(cols).group_by(cols).aggregate([([], "count_all")]).to_pylist():
+                domain_rows[(r["split"], r["domain"], r["label"])] += r["count_all"]
+        row += take
+    if row != plan.n_old:
+        raise IngestError(f"{out}: {layout.INDEX_FILE} has {row} rows, {layout.DATASET_FILE} says {plan.n_old}")
+    return domain_rows
+
+
+def _write_drop(src: Source, location: str | None, labels: _LabelMap, plan: _DropPlan, writer: DatasetWriter,
+                progress: bool) -> None:
+    """Decode, validate and write the drop's images as new shards (labels mapped to the dataset's)."""
+    hint = src.size_hint()
+    records: Iterable[Record] = labels.apply(src)
+    if plan.derived is not None:
+        records = assign_domains(records, plan.derived)
+    write_records(writer, records, max_pixels=plan.max_pixels, workers=plan.workers, derived=plan.derived,
+                  max_side=plan.max_side, progress=f"append {src.name}" if progress else None,
+                  total=sum(hint.values()) if hint else None)
+    check_some_usable(writer, src, location)
+
+
+def _check_written_ids(fs: pafs.FileSystem, root: str, n_old: int, old_sorted: np.ndarray, writer: DatasetWriter,
+                       out: str) -> None:
+    """The ids check again on the rows actually written (the source may have changed since)."""
+    in_old, repeated = _duplicate_hashes(old_sorted, writer.id_hashes)
+    if in_old or repeated:
+        staged, index_path = layout.join(root, _STAGED_INDEX), layout.join(root, layout.INDEX_FILE)
+        _raise_duplicates(_index_ids(fs, staged, n_old), _index_ids(fs, index_path, 0, n_old),
+                          in_old, repeated, out)
+
+
+def _stage(fs: pafs.FileSystem, root: str, new_meta: dict[str, Any], drop: int) -> None:
+    """Step 3 of the commit protocol: the new dataset.json beside the staged index, all synced."""
+    layout.write_json(fs, layout.join(root, _STAGED_META), new_meta)
+    for path in (layout.join(root, _STAGED_INDEX), layout.join(root, _STAGED_META),
+                 layout.join(root, layout.failures_file(drop)), layout.join(root, layout.SHARDS_DIR),
+                 layout.join(root, layout.APPEND_DIR)):
+        _sync(fs, path)
+    _pause("staged")
+
+
+def _commit(fs: pafs.FileSystem, root: str, new_meta: dict[str, Any], drop: int) -> None:
+    """Step 4, the commit point: ``.append/commit.json`` written whole (temporary name, then moved)."""
+    staging = layout.join(root, layout.APPEND_DIR)
+    marker = layout.join(staging, layout.APPEND_COMMIT_FILE)
+    layout.write_json(fs, marker + ".tmp", {"drop": drop, "digest": new_meta["digest"],
+                                            "index": _STAGED_INDEX, "dataset": _STAGED_META})
+    _sync(fs, marker + ".tmp")
+    fs.move(marker + ".tmp", marker)
+    _sync(fs, staging)
+
+
+def _undo(fs: pafs.FileSystem, root: str, meta: dict[str, Any], writer: DatasetWriter | None) -> None:
+    """After a failure before the commit point: remove the staging folder and the drop's files."""
+    if writer is not None:
+        writer.abort()
+    try:
+        staging = layout.join(root, layout.APPEND_DIR)
+        if layout.exists(fs, staging):
+            fs.delete_dir(staging)
+        _remove_strays(fs, root, meta)
+    except Exception as cleanup:  # noqa: BLE001 - the next append retries; keep the real error
+        warnings.warn(f"could not clean up after the failed append ({cleanup}); the next append will",
+                      IngestWarning, stacklevel=3)
+
+
+def _summary(out: str, src: Source, plan: _DropPlan, writer: DatasetWriter, new_meta: dict[str, Any],
+             labels: _LabelMap, recovered: str, arrived_at: int, t0: float) -> dict[str, Any]:
+    """The append's JSON-able summary; warns when files were skipped."""
     out_str = out.rstrip("/")
-    report = f"{out_str}/{layout.failures_file(drop)}"
+    report = f"{out_str}/{layout.failures_file(plan.drop)}"
     if writer.num_failed:
         warnings.warn(
             f"append skipped {writer.num_failed} of {writer.num_ok + writer.num_failed} files "
             f"({', '.join(f'{k}: {n}' for k, n in sorted(writer.failed_by_kind.items()))}); see {report}",
-            IngestWarning, stacklevel=3)
+            IngestWarning, stacklevel=4)
     return {
         "out": out_str,
-        "source": src_obj.name,
-        "drop": drop,
+        "source": src.name,
+        "drop": plan.drop,
         "arrived_at": iso_us(arrived_at),
         "num_images": writer.num_ok,
         "num_images_total": new_meta["num_images"],
@@ -466,7 +521,7 @@ def append_drop(
         "num_shards": len(writer.shards),
         "shards_added": list(writer.shards),
         "digest": new_meta["digest"],
-        "previous_digest": meta.get("digest"),
+        "previous_digest": plan.meta.get("digest"),
         "num_failed": writer.num_failed,
         "report": report,
         "recovered": recovered,
@@ -474,7 +529,7 @@ def append_drop(
     }
 
 
-def _merged_meta(meta: dict[str, Any], w: _DatasetWriter, classes: list[str], drop: int,
+def _merged_meta(meta: dict[str, Any], w: DatasetWriter, classes: list[str], drop: int,
                  derived: DerivedDomains | None, domain_rows: Counter[tuple[str, str | None, int | None]]
                  ) -> dict[str, Any]:
     """dataset.json after the drop: everything the first ingest recorded, updated to all drops.

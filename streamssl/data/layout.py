@@ -76,7 +76,8 @@ TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),  # encoded bytes as received (PNG/JPEG/...)
+        # encoded bytes as received (PNG/JPEG/...), or re-encoded smaller by ``ingest --max-side``
+        pa.field("image", pa.binary(), nullable=False),
         pa.field("label", pa.int32()),
         pa.field("class_name", pa.string()),
         pa.field("domain", pa.string()),
@@ -103,8 +104,14 @@ INDEX_SCHEMA = pa.schema(
         pa.field("domain", pa.string()),
         pa.field("timestamp", TIMESTAMP_TYPE),
         pa.field("split", pa.string(), nullable=False),
+        # Size of the stored image; ``orig_*`` that of the image as received. They differ only
+        # for images that ``ingest --max-side S`` stored shrunk (shorter side S, see
+        # data/images.py shrink_encoded). Indexes written before the ``orig_*`` columns existed
+        # lack them; an append adds them (equal to width/height) to the old rows.
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
+        pa.field("orig_width", pa.int32(), nullable=False),
+        pa.field("orig_height", pa.int32(), nullable=False),
         pa.field("nbytes", pa.int64(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),  # hex digest of the stored bytes
     ]

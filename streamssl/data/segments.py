@@ -4,6 +4,9 @@ Output columns, in plan order: ``image`` (uint8 (C, H, W), fixed shape), ``image
 (int32, -1 where the dataset has none), ``segment`` (int32; -1 for rows read by id without one),
 ``valid`` (bool). An image that fails to decode yields ``valid=False`` and a zero image instead of
 an exception: one bad file must never crash a segment; the trainer drops and counts them.
+With ``decode="worker"`` the readers skip decoding: ``image`` holds the encoded bytes as stored
+and there is no ``valid`` column; the training worker decodes
+(:func:`streamssl.data.worker_decode.decode_encoded`, same geometry, same ``valid`` semantics).
 
 How it avoids scanning the dataset. The index gives each image's (shard, row). In the requested
 order, the rows are cut into *runs* of consecutive rows that live in the same shard, runs longer
@@ -50,6 +53,7 @@ from streamssl.data.plan import load_plan, shard_grouped_order
 if TYPE_CHECKING:
     import ray.data
 
+Decode = Literal["ray_data", "worker"]  # where images are decoded: config ``data.decode``
 DEFAULT_ROWS_PER_TASK = 2048
 # Decoded bytes per task we aim for: keeps blocks far below Ray's 128 MiB block target for
 # large images (224 px RGB -> ~440 rows per task) while small images use the full row cap.
@@ -93,6 +97,7 @@ def read_segments(
     channels: int,
     shuffle_seed: int | None = None,
     rows_per_task: int | None = None,
+    decode: Decode = "ray_data",
 ) -> "ray.data.Dataset":
     """The rows of one segment (or several) in plan order, decoded; see the module docstring.
 
@@ -118,7 +123,7 @@ def read_segments(
         order = shard_grouped_order(np.asarray(located["shard"].to_pylist(), dtype=object),
                                     located["row"].to_numpy(), np.random.default_rng([int(shuffle_seed), 3]))
         located = located.take(order)
-    return _dataset(dataset_dir, located, image_size, channels, rows_per_task)
+    return _dataset(dataset_dir, located, image_size, channels, rows_per_task, decode)
 
 
 def read_rows(
@@ -129,6 +134,7 @@ def read_rows(
     channels: int,
     order: Literal["given", "storage"] = "given",
     rows_per_task: int | None = None,
+    decode: Decode = "ray_data",
 ) -> "ray.data.Dataset":
     """Arbitrary rows by ``image_id`` (repeats allowed), decoded.
 
@@ -145,7 +151,7 @@ def read_rows(
         located = located.sort_by([("shard", "ascending"), ("row", "ascending")])
     elif order != "given":
         raise SegmentReadError(f"order must be 'given' or 'storage', got {order!r}")
-    return _dataset(dataset_dir, located, image_size, channels, rows_per_task)
+    return _dataset(dataset_dir, located, image_size, channels, rows_per_task, decode)
 
 
 def read_split(
@@ -329,9 +335,11 @@ def decode_batch(batch: dict[str, Any], image_size: int, channels: int) -> dict[
 
 
 def _dataset(dataset_dir: str, located: pa.Table, image_size: int, channels: int,
-             rows_per_task: int | None) -> "ray.data.Dataset":
+             rows_per_task: int | None, decode: Decode = "ray_data") -> "ray.data.Dataset":
     import ray.data
 
+    if decode not in ("ray_data", "worker"):
+        raise SegmentReadError(f"decode must be 'ray_data' or 'worker', got {decode!r}")
     if channels not in (1, 3):
         raise SegmentReadError(f"channels must be 1 or 3, got {channels}")
     if image_size < 1:
@@ -350,6 +358,8 @@ def _dataset(dataset_dir: str, located: pa.Table, image_size: int, channels: int
     # bundles max(batch sizes) *descriptors* per task, which would serialize the whole read).
     # Fused, the encoded bytes never travel through the object store.
     ds = ds.map_batches(_read_tasks_fn, fn_args=(dataset_dir,), batch_size=1, batch_format="pyarrow")
+    if decode == "worker":  # the training worker decodes the bytes on its own device
+        return ds
     return ds.map_batches(decode_batch, fn_args=(image_size, channels), batch_size=None,
                           batch_format="numpy")
 

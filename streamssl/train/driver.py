@@ -318,6 +318,7 @@ class _SegmentsFit:
 
         cfg, plan = self.cfg, self.plan
         size, channels = cfg.data.image_size, cfg.data.channels
+        decode = cfg.data.decode  # "worker": the datasets carry encoded bytes, workers decode
         for t in self.segments:
             data = self.strategy.segment_data(t)
             first = t == self.segments[0]
@@ -340,18 +341,21 @@ class _SegmentsFit:
                 datasets[name] = read_segments(cfg.data.dataset_dir,
                                                plan.filter(pc.is_in(plan["image_id"], train_rows["image_id"])),
                                                train_segments, image_size=size, channels=channels,
-                                               shuffle_seed=cfg.seed * 7919 + t)
+                                               shuffle_seed=cfg.seed * 7919 + t, decode=decode)
             elif cfg.stream.max_images_per_segment:
-                datasets[name] = read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels)
+                datasets[name] = read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels,
+                                           decode=decode)
             else:
-                datasets[name] = read_segments(cfg.data.dataset_dir, plan, t, image_size=size, channels=channels)
+                datasets[name] = read_segments(cfg.data.dataset_dir, plan, t, image_size=size, channels=channels,
+                                               decode=decode)
             # Extra rows (replay) are sampled for the whole segment up front, each in its own
             # dataset that the workers mix into every batch.
             extras, extra_rows = {}, {}
             for extra in data.extras:
                 rows = extra.sample(bp.extra_rows_needed[extra.name], cfg.seed * 31 + t)
                 extra_rows[extra.name] = rows.num_rows
-                datasets[f"{extra.name}_{t}"] = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=channels)
+                datasets[f"{extra.name}_{t}"] = read_rows(cfg.data.dataset_dir, rows, image_size=size,
+                                                          channels=channels, decode=decode)
                 extras[extra.name] = [f"{extra.name}_{t}", bp.extra_per_batch[extra.name]]
             self.strategy.after_segment_driver(t, own_rows)
             driver_state = tmp / segment_name(t)

@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,11 +217,12 @@ class FirstBatchAhead:
         return first
 
 
-def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def repair_invalid(images: Any, valid: np.ndarray, rng: np.random.Generator) -> tuple[Any, int]:
     """Replace rows whose image failed to decode by random valid rows of the same batch.
 
     Keeps the batch shape identical on every rank (MoCo/SimCLR gather across workers need it)
-    while never training on a zero image. Returns (images, number replaced).
+    while never training on a zero image. ``images`` is a numpy array or (``data.decode:
+    worker``) a tensor on the worker's device. Returns (images, number replaced).
     """
     bad = np.flatnonzero(~valid)
     if bad.size == 0:
@@ -229,8 +230,13 @@ def repair_invalid(images: np.ndarray, valid: np.ndarray, rng: np.random.Generat
     good = np.flatnonzero(valid)
     if good.size == 0:
         raise RuntimeError("a whole batch failed to decode")
-    images = images.copy()
-    images[bad] = images[rng.choice(good, size=bad.size)]
+    pick = rng.choice(good, size=bad.size)
+    if isinstance(images, torch.Tensor):
+        images = images.clone()
+        images[torch.as_tensor(bad, device=images.device)] = images[torch.as_tensor(pick, device=images.device)]
+    else:
+        images = images.copy()
+        images[bad] = images[pick]
     return images, int(bad.size)
 
 
@@ -240,17 +246,21 @@ class BatchSource:
     Training steps take :meth:`mixed` (own rows + each extra dataset's rows of the same
     micro-step, e.g. replay); the importance pass of MAS/EWC takes :meth:`own`, so importance is
     estimated on this segment's data only and never on replayed rows of earlier segments.
-    Undecodable rows are repaired (:func:`repair_invalid`) and counted in ``skipped``.
+    Undecodable rows are repaired (:func:`repair_invalid`) and counted in ``skipped``. With a
+    ``decode`` function (``data.decode: worker``) batches hold encoded bytes and ``decode`` turns
+    them into (images on the worker's device, valid mask).
     """
 
     def __init__(self, train: Iterator[dict[str, np.ndarray]], extras: Sequence[Iterator[dict[str, np.ndarray]]],
-                 rng: np.random.Generator) -> None:
-        self.train, self.extras, self.rng = train, list(extras), rng
+                 rng: np.random.Generator, decode: Callable[[dict[str, np.ndarray]], tuple[Any, np.ndarray]] | None = None
+                 ) -> None:
+        self.train, self.extras, self.rng, self.decode = train, list(extras), rng, decode
         self.skipped = 0
 
-    def _take(self, it: Iterator[dict[str, np.ndarray]]) -> np.ndarray:
+    def _take(self, it: Iterator[dict[str, np.ndarray]]) -> Any:
         batch = next(it)
-        imgs, n_bad = repair_invalid(batch["image"], batch["valid"].astype(bool), self.rng)
+        images, valid = self.decode(batch) if self.decode is not None else (batch["image"], batch["valid"].astype(bool))
+        imgs, n_bad = repair_invalid(images, valid, self.rng)
         self.skipped += n_bad
         return imgs
 
@@ -260,11 +270,14 @@ class BatchSource:
     def mixed(self) -> np.ndarray:
         imgs = self._take(self.train)
         if self.extras:
-            imgs = np.concatenate([imgs, *(self._take(it) for it in self.extras)])
+            parts = [imgs, *(self._take(it) for it in self.extras)]
+            imgs = torch.cat(parts) if isinstance(imgs, torch.Tensor) else np.concatenate(parts)
         return self._writeable(imgs)
 
     @staticmethod
-    def _writeable(imgs: np.ndarray) -> np.ndarray:
+    def _writeable(imgs: Any) -> Any:
+        if isinstance(imgs, torch.Tensor):
+            return imgs
         return imgs if imgs.flags.writeable else imgs.copy()  # Ray hands out read-only zero-copy arrays
 
 
@@ -380,7 +393,9 @@ class _Views:
         self.generator = augment_generator(cfg.seed, segment, rank, start_step, device)
         self.device, self.dtype = device, dtype
 
-    def to_device(self, imgs: np.ndarray) -> torch.Tensor:
+    def to_device(self, imgs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(imgs, torch.Tensor):  # decoded on the worker (data.decode: worker)
+            return imgs.to(self.device, non_blocking=True)
         return torch.from_numpy(imgs).to(self.device, non_blocking=True)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -615,7 +630,12 @@ def _open_data(work: _SegmentWork) -> None:
     fit = work.fit
     work.views = _Views(work.cfg, work.module, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
     batches = fit.opened.pop(work.segment)
-    work.data = BatchSource(batches.train, batches.extras, work.rng)
+    decode = None
+    if work.cfg.data.decode == "worker":
+        from streamssl.data.worker_decode import WorkerDecoder
+
+        decode = WorkerDecoder(work.cfg.data.image_size, work.cfg.data.channels, fit.device)
+    work.data = BatchSource(batches.train, batches.extras, work.rng, decode)
     work.data.skipped = work.restored_skipped
 
 

@@ -15,7 +15,7 @@ One module per source (``idx``, ``fashion_mnist``, ``folder``, ``manifest``) on 
 
 from __future__ import annotations
 
-from streamssl.data.sources.base import IngestError, Record, Source
+from streamssl.data.sources.base import IngestError, IngestWarning, Record, Source
 from streamssl.data.sources.fashion_mnist import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
@@ -54,6 +54,7 @@ __all__ = [
     "IdxPart",
     "IdxSource",
     "IngestError",
+    "IngestWarning",
     "ManifestSource",
     "Record",
     "SOURCES",

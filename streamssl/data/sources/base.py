@@ -19,6 +19,10 @@ class IngestError(ValueError):
     """A problem with the ingest's input or output, phrased for the user (names the culprit)."""
 
 
+class IngestWarning(UserWarning):
+    """Some input files were skipped (see the ingest report)."""
+
+
 @dataclass(slots=True)
 class Record:
     """One image as a source delivers it, before validation.
