@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -270,8 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbose_help = ("show Ray's, Ray Train's, Ray Data's and DeepSpeed's output on the console "
                     "(default: only streamssl's own lines and errors; the rest is in the run's logs/)")
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    every_help = ("seconds between two in-segment progress lines when the console is a pipe or a file "
+                  "(default 30; also STREAMSSL_PROGRESS_EVERY); a terminal shows a live bar")
+    p.add_argument("--progress-every", type=float, default=None, metavar="S", help=every_help)
     for verb_parser in sub.choices.values():
         verb_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+        verb_parser.add_argument("--progress-every", type=float, default=argparse.SUPPRESS, metavar="S",
+                                 help=every_help)
     return p
 
 
@@ -285,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.progress_every is not None:  # read by streamssl.train.progress (also in Tune trials)
+        if not args.progress_every >= 0:
+            parser.error(f"--progress-every {args.progress_every}: must be a number of seconds >= 0")
+        os.environ["STREAMSSL_PROGRESS_EVERY"] = str(args.progress_every)
     if args.verb not in CONSOLE_VERBS:
         return _run_verb(args)
     from streamssl import console
