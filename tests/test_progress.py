@@ -140,3 +140,37 @@ def test_the_progress_interval_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("STREAMSSL_PROGRESS_EVERY", "soon")
     with pytest.raises(ValueError, match="STREAMSSL_PROGRESS_EVERY"):
         progress_every_s()
+
+
+def test_a_trials_progress_reaches_the_trial_table_in_compact_form(capsys, ray_local):
+    from streamssl.tune import reporter
+
+    class Trial:
+        trial_id, status, error_file, config = "t0", "RUNNING", None, {}
+
+        def __str__(self) -> str:
+            return "t0"
+
+    board = reporter.ProgressBoard()
+    try:
+        now = [0.0]
+        sender = reporter.TrialProgress(board, "t0", clock=lambda: now[0])
+        ctx = _ctx_with_steps(100)
+        sender.on_segment_start(ctx, 0)
+        sender.on_train_steps(ctx, 0, _records(0, 20))  # at once: not sent yet
+        assert board.latest() == {}
+        now[0] = reporter.TRIAL_PROGRESS_SEND_EVERY_S
+        sender.on_train_steps(ctx, 0, _records(20, 20))
+        table = reporter.TrialTable(metric=None, mode=None, param_space={}, progress_metrics=["segment"], board=board,
+                                    every_s=30.0)
+        table.print_progress([Trial()], now=100.0)
+        sender.on_train_steps(ctx, 0, _records(40, 20))  # too soon after the last send: stays on the trial
+        now[0] *= 2
+        sender.on_train_steps(ctx, 0, _records(60, 20))
+        table.print_progress([Trial()], now=110.0)  # 10 s after the last line: waits (every_s=30)
+        table.print_progress([Trial()], now=130.0)
+    finally:
+        board.close()
+    out = [ln for ln in capsys.readouterr().out.split("\n") if ln]
+    assert out == ["Trial t0: seg 1/2 step 40/100, 128 img/s, loss 6.000, ETA 00:30",
+                   "Trial t0: seg 1/2 step 80/100, 128 img/s, loss 6.000, ETA 00:10"]
