@@ -18,7 +18,7 @@ from streamssl.config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_class_incremental.yaml"
 # Verbs that run Ray on this machine: their console is streamssl's own (see streamssl.console).
-CONSOLE_VERBS = ("train", "resume", "extend", "demo", "tune", "study")
+CONSOLE_VERBS = ("train", "resume", "extend", "demo", "tune", "study", "embed")
 
 
 def _print_json(obj: Any) -> None:
@@ -151,6 +151,17 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from streamssl.embed import embed
+
+    summary = embed(a.run_dir, a.dataset, a.out, segment=a.segment, split=a.split, batch_size=a.batch_size,
+                    actors=a.actors, ray_address=a.address)
+    _print_json(asdict(summary))
+    return 0
+
+
 def cmd_tune(a: argparse.Namespace) -> int:
     from streamssl.tune.sweep import run_sweep
 
@@ -259,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("out")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("embed", help="write one embedding per image of a dataset (Parquet) with a run's encoder")
+    s.add_argument("run_dir", help="run directory (or a segment checkpoint), local path or URI")
+    s.add_argument("dataset", help="ingested dataset directory or URI")
+    s.add_argument("--out", required=True, help="output directory of Parquet files (local path or URI); must not exist")
+    s.add_argument("--segment", type=int, default=None, help="the segment whose encoder to use (default: the last finished)")
+    s.add_argument("--split", default=None, help="only this split of the dataset (default: every image)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--actors", type=int, default=None,
+                   help="encoder actors (default: one per GPU of the cluster, else half its CPUs)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("submit", help="run train / tune / demo / resume / eval on a Ray cluster "
                        "through the Ray Jobs API (see jobs/README.md)")
