@@ -174,3 +174,14 @@ def test_a_trials_progress_reaches_the_trial_table_in_compact_form(capsys, ray_l
     out = [ln for ln in capsys.readouterr().out.split("\n") if ln]
     assert out == ["Trial t0: seg 1/2 step 40/100, 128 img/s, loss 6.000, ETA 00:30",
                    "Trial t0: seg 1/2 step 80/100, 128 img/s, loss 6.000, ETA 00:10"]
+
+
+def test_a_closed_board_reads_as_empty(ray_local):
+    from streamssl.tune import reporter
+
+    board = reporter.ProgressBoard(every_s=0)
+    board.post("t0", "seg 1/1 step 1/2")
+    assert board.latest() == {"t0": "seg 1/1 step 1/2"}
+    board.close()
+    board._closed = False  # as in a restored sweep's unpickled trial table: the queue actor is gone
+    assert board.latest() == {} and board._closed

@@ -47,12 +47,18 @@ def _fmt(value: Any) -> str:
 
 
 class ProgressBoard:
-    """Where trials post their in-segment progress and the driver's trial table reads it."""
+    """Where trials post their in-segment progress and the driver's trial table reads it.
 
-    def __init__(self) -> None:
+    ``every_s`` (default :func:`progress_every_s` of the driver) travels with the board to the
+    trials, which post at most every ``min(every_s, TRIAL_PROGRESS_SEND_EVERY_S)`` seconds.
+    """
+
+    def __init__(self, every_s: float | None = None) -> None:
         from ray.util.queue import Queue
 
+        self.every_s = progress_every_s() if every_s is None else every_s
         self._queue = Queue(actor_options={"num_cpus": 0})
+        self._closed = False
 
     def post(self, trial_id: str, line: str) -> None:
         try:
@@ -61,18 +67,24 @@ class ProgressBoard:
             pass
 
     def latest(self) -> dict[str, str]:
-        """The newest line of each trial that posted since the last call."""
+        """The newest line of each trial that posted since the last call (none once the board is
+        closed: a restored sweep's trial table still holds the board of the run before)."""
         from queue import Empty
 
         out: dict[str, str] = {}
-        while True:
+        while not self._closed:
             try:
                 msg = self._queue.get_nowait()
             except Empty:
-                return out
+                break
+            except Exception:  # noqa: BLE001 (the queue actor is gone: ask no more)
+                self._closed = True
+                break
             out[msg["trial_id"]] = msg["line"]
+        return out
 
     def close(self) -> None:
+        self._closed = True
         self._queue.shutdown()
 
 
@@ -98,7 +110,7 @@ class TrialProgress(StreamCallback):
             return
         self.segment.update(records)
         now = self._clock()
-        if now - self._sent >= TRIAL_PROGRESS_SEND_EVERY_S:
+        if now - self._sent >= min(self.board.every_s, TRIAL_PROGRESS_SEND_EVERY_S):
             self._sent = now
             self.board.post(self.trial_id, self.segment.compact())
 
@@ -193,7 +205,8 @@ def tune_console(param_space: dict[str, Any], progress_metrics: list[str], metri
     if not console.quiet() or TrialTable is None:
         return {"verbose": console.tune_verbosity()}
     return {"verbose": 0, "callbacks": [TrialTable(metric=metric, mode=mode, param_space=param_space,
-                                                    progress_metrics=progress_metrics, board=board)]}
+                                                    progress_metrics=progress_metrics, board=board,
+                                                    every_s=board.every_s if board is not None else None)]}
 
 
 def trial_progress(board: ProgressBoard | None) -> list[StreamCallback]:
