@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,7 +18,7 @@ from streamssl.config import ConfigError, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist_class_incremental.yaml"
 # Verbs that run Ray on this machine: their console is streamssl's own (see streamssl.console).
-CONSOLE_VERBS = ("train", "resume", "extend", "demo", "tune", "study")
+CONSOLE_VERBS = ("train", "resume", "extend", "demo", "tune", "study", "embed")
 
 
 def _print_json(obj: Any) -> None:
@@ -150,6 +151,17 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from streamssl.embed import embed
+
+    summary = embed(a.run_dir, a.dataset, a.out, segment=a.segment, split=a.split, batch_size=a.batch_size,
+                    actors=a.actors, ray_address=a.address)
+    _print_json(asdict(summary))
+    return 0
+
+
 def cmd_tune(a: argparse.Namespace) -> int:
     from streamssl.tune.sweep import run_sweep
 
@@ -263,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.set_defaults(fn=cmd_export)
 
+    s = sub.add_parser("embed", help="write one embedding per image of a dataset (Parquet) with a run's encoder")
+    s.add_argument("run_dir", help="run directory (or a segment checkpoint), local path or URI")
+    s.add_argument("dataset", help="ingested dataset directory or URI")
+    s.add_argument("--out", required=True, help="output directory of Parquet files (local path or URI); must not exist")
+    s.add_argument("--segment", type=int, default=None, help="the segment whose encoder to use (default: the last finished)")
+    s.add_argument("--split", default=None, help="only this split of the dataset (default: every image)")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--actors", type=int, default=None,
+                   help="encoder actors (default: one per GPU of the cluster, else half its CPUs)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    s.set_defaults(fn=cmd_embed)
+
     s = sub.add_parser("submit", help="run train / tune / demo / resume / eval on a Ray cluster "
                        "through the Ray Jobs API (see jobs/README.md)")
     from streamssl.jobs import add_submit_arguments
@@ -274,8 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     verbose_help = ("show Ray's, Ray Train's, Ray Data's and DeepSpeed's output on the console "
                     "(default: only streamssl's own lines and errors; the rest is in the run's logs/)")
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    every_help = ("seconds between two in-segment progress lines when the console is a pipe or a file "
+                  "(default 30; also STREAMSSL_PROGRESS_EVERY); a terminal shows a live bar")
+    p.add_argument("--progress-every", type=float, default=None, metavar="S", help=every_help)
     for verb_parser in sub.choices.values():
         verb_parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+        verb_parser.add_argument("--progress-every", type=float, default=argparse.SUPPRESS, metavar="S",
+                                 help=every_help)
     return p
 
 
@@ -289,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.progress_every is not None:  # read by streamssl.train.progress (also in Tune trials)
+        if not args.progress_every >= 0:
+            parser.error(f"--progress-every {args.progress_every}: must be a number of seconds >= 0")
+        os.environ["STREAMSSL_PROGRESS_EVERY"] = str(args.progress_every)
     if args.verb not in CONSOLE_VERBS:
         return _run_verb(args)
     from streamssl import console

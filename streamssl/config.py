@@ -237,6 +237,19 @@ class TrackingConfig(_Section):
     enabled: bool = True
     tracking_uri: str | None = None
     experiment: str = "streamssl"
+    # The stream's final encoder becomes a new version of this registered model ("{name}": the
+    # run's name, "{experiment}": the experiment's); null or "" registers nothing.
+    registered_model_name: str | None = "{name}"
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _model_name_template(cls, v: str | None) -> str | None:
+        if v:
+            try:
+                v.format(name="n", experiment="e")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"{v!r}: only the placeholders {{name}} and {{experiment}} are allowed ({e})") from None
+        return v
 
 
 class TuneConfig(_Section):

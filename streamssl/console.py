@@ -12,7 +12,15 @@ streamssl's own output and errors:
 * the driver's own log records (Ray, Ray Data, Ray Train, Tune, MLflow, Python warnings) go to
   ``logs/driver.log``; records at ERROR and above still reach stderr, and so do tracebacks;
 * Ray Data progress bars are off, for the driver and (through the job's runtime env) for every
-  worker, so the worker logs do not fill up with them either.
+  worker, so the worker logs do not fill up with them either;
+* two kinds of lines Ray prints on the driver's console whatever ``log_to_driver`` says are
+  folded into ``logs/driver.log`` (:data:`FOLDED_LINES`): the raylet's "N PYTHON worker processes
+  have been started" warnings, which reach the driver as error messages (the
+  ``ray._private.worker.print_to_stdstream`` call of Ray's error listener thread is the one place
+  they pass; it is wrapped for the session), and the driver core worker's "constructor arguments
+  in the object store" line about actors of Ray Train / Ray Data that streamssl does not create,
+  which its C++ logger writes straight to file descriptor 2 (filtered by :class:`NativeStderrFilter`
+  from ``ray.init`` on; everything else on stderr passes through unchanged).
 
 ``verbose=True`` (the CLI's ``-v``) keeps Ray's own console behaviour: every worker's output is
 forwarded to the terminal. Either way the workers get :func:`setup_ray_worker`, which logs Ray
@@ -27,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +54,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # The driver only: MLflow logs its INFO lines (database set-up) before streamssl can route them.
 QUIET_DRIVER_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+# Ray's lines that a quiet console folds into the driver log (see the module docstring).
+FOLDED_LINES = (
+    re.compile(r"worker processes have been started on node"),  # raylet: worker pool start-up warning
+    re.compile(r"core_worker\.cc:\d+.*constructor arguments in the object store"),  # driver core worker
+)
+FOLDED_LOGGER = "streamssl.console.folded"
 
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 PG_CLEANER_MESSAGE = "Failed to query Ray Train Controller actor state"
@@ -133,6 +150,118 @@ def _is_console_handler(h: logging.Handler) -> bool:
     return isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
 
 
+# --------------------------------------------------------------------------- Ray's console lines
+
+
+def is_folded(line: str) -> bool:
+    """True for a line of Ray's that the quiet console keeps out (:data:`FOLDED_LINES`)."""
+    return any(p.search(line) for p in FOLDED_LINES)
+
+
+def _log_folded(line: str, source: str) -> None:
+    logging.getLogger(FOLDED_LOGGER).warning("%s: %s", source, line.rstrip())
+
+
+class NativeStderrFilter:
+    """Keeps :func:`is_folded` lines written to a file descriptor (2: the process's stderr, where
+    native code writes too) out of it, and logs them instead.
+
+    The descriptor is pointed at a pipe; a thread copies what arrives to the original target,
+    line by line, less the folded lines. A partial line (a progress bar's carriage returns) is
+    passed on at once unless it looks like the start of a native log line (``[``). Start it after
+    the Ray cluster's processes are up: a child process started while it runs inherits the pipe.
+    """
+
+    def __init__(self, fd: int = 2) -> None:
+        self.fd = fd
+        self._saved: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._saved is not None:
+            return
+        read_end, write_end = os.pipe()
+        self._saved = os.dup(self.fd)
+        os.dup2(write_end, self.fd)
+        os.close(write_end)
+        self._thread = threading.Thread(target=self._pump, args=(read_end, self._saved), daemon=True,
+                                        name="streamssl-stderr-filter")
+        self._thread.start()
+
+    @staticmethod
+    def _pump(read_end: int, target: int) -> None:
+        pending = b""
+        try:
+            while True:
+                chunk = os.read(read_end, 65536)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                out = []
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace")
+                    if is_folded(line):
+                        _log_folded(line, "stderr")
+                    else:
+                        out.append(raw + b"\n")
+                if pending and not pending.startswith(b"["):
+                    out.append(pending)
+                    pending = b""
+                if out:
+                    os.write(target, b"".join(out))
+            if pending:
+                os.write(target, pending)
+        except OSError:
+            pass
+        finally:
+            os.close(read_end)
+
+    def stop(self) -> None:
+        """Give the descriptor its original target back, once what was written is through."""
+        if self._saved is None:
+            return
+        with contextlib.suppress(Exception):
+            import sys
+
+            sys.stderr.flush()
+        os.dup2(self._saved, self.fd)  # the pipe's last write end closes: the thread drains and ends
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        os.close(self._saved)
+        self._saved, self._thread = None, None
+
+
+def _fold_ray_error_messages(s: Session) -> None:
+    """Wrap the function Ray's driver-side error listener prints with, for the session."""
+    try:
+        from ray._private import worker as ray_worker
+
+        original = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):  # an internal that moved: Ray prints as it does
+        return
+    if getattr(original, "_streamssl_folding", False):
+        return
+
+    def print_unless_folded(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        lines = list(data.get("lines") or [])
+        kept = [ln for ln in lines if not is_folded(str(ln))]
+        for ln in lines:
+            if ln not in kept:
+                _log_folded(str(ln), str(data.get("pid", "ray")))
+        if kept:
+            return original({**data, "lines": kept} if len(kept) < len(lines) else data, *args, **kwargs)
+        return None
+
+    print_unless_folded._streamssl_folding = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_unless_folded
+
+    def undo() -> None:
+        if ray_worker.print_to_stdstream is print_unless_folded:
+            ray_worker.print_to_stdstream = original
+
+    s._undo.append(undo)
+
+
 # --------------------------------------------------------------------------- the session
 
 
@@ -146,6 +275,7 @@ class Session:
         self.ray_logs: Path | None = None  # the Ray session's log directory
         self.ray_link: Path | None = None  # its link (later: copy) inside log_dir
         self.own_cluster = False
+        self._stderr_filter: NativeStderrFilter | None = None
         self._undo: list[Callable[[], None]] = []
 
     # -- set-up and tear-down
@@ -177,6 +307,19 @@ class Session:
 
         self._undo.append(undo)
         adopt_library_loggers()
+
+    def fold_ray_lines(self) -> None:
+        """Keep Ray's :data:`FOLDED_LINES` off the console from now on (once Ray runs)."""
+        if self._stderr_filter is not None:
+            return
+        _fold_ray_error_messages(self)
+        stderr_filter = NativeStderrFilter()
+        try:
+            stderr_filter.start()
+        except OSError:
+            return
+        self._stderr_filter = stderr_filter
+        self._undo.append(stderr_filter.stop)
 
     def close(self) -> None:
         self._keep_ray_logs()
@@ -360,6 +503,8 @@ def init_ray(address: str | None, log_dir: str | os.PathLike[str] | None = None)
             s.own_cluster = bool(getattr(node, "head", False))
     if s is not None:
         s._found_ray()
+        if not s.verbose:
+            s.fold_ray_lines()
         if not s.verbose:
             from ray.data import DataContext
 

@@ -65,6 +65,52 @@ def test_a_quiet_session_logs_libraries_to_the_run_log_and_only_errors_to_the_co
     assert console.current() is None
 
 
+RAYLET_WARNING = ("WARNING: 4 PYTHON worker processes have been started on node: 8d2f with address: 10.0.0.2, which "
+                  "is 2x the maximum expected startup concurrency (2).")
+CORE_WORKER_LINE = ("[2026-12-03 11:26:52,948 E 26137 26137] core_worker.cc:2465: Actor with class name: 'A' and ID: "
+                    "'0a57' has constructor arguments in the object store and max_restarts > 0.")
+
+
+def test_rays_folded_lines_are_recognised_and_nothing_else():
+    assert console.is_folded(RAYLET_WARNING) and console.is_folded(CORE_WORKER_LINE)
+    assert not console.is_folded("segment 1/5 done in 30s (fit 25s): 12000 images")
+    assert not console.is_folded("[2026-12-03 11:26:52,948 E 1 1] core_worker.cc:100: Failed to connect to GCS")
+
+
+def test_the_stderr_filter_logs_folded_lines_and_passes_the_rest_in_order(tmp_path, caplog):
+    target = tmp_path / "console.txt"
+    with open(target, "wb") as out:
+        fd = os.dup(out.fileno())  # stands for the process's stderr
+    f = console.NativeStderrFilter(fd)
+    with caplog.at_level(logging.WARNING, logger=console.FOLDED_LOGGER):
+        f.start()
+        os.write(fd, b"Traceback (most recent call last):\n")
+        os.write(fd, (CORE_WORKER_LINE + "\n").encode())
+        os.write(fd, b"ValueError: boom\n100%|####| 3/3\r")
+        f.stop()
+    os.close(fd)
+    assert target.read_bytes() == b"Traceback (most recent call last):\nValueError: boom\n100%|####| 3/3\r"
+    assert [r.getMessage() for r in caplog.records] == [f"stderr: {CORE_WORKER_LINE}"]
+
+
+def test_a_quiet_session_folds_the_raylets_worker_start_warning_into_the_run_log(tmp_path, capsys):
+    from ray._private import worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    with console.session() as s:
+        s.use_log_dir(tmp_path / "logs")
+        console._fold_ray_error_messages(s)
+        ray_worker.print_to_stdstream({"lines": [RAYLET_WARNING], "pid": "raylet", "is_err": False},
+                                      ignore_prefix=False)
+        ray_worker.print_to_stdstream({"lines": ["The node with node id: 8d2f has been marked dead"], "pid": "raylet",
+                                       "is_err": False}, ignore_prefix=False)
+    assert ray_worker.print_to_stdstream is original
+    out = capsys.readouterr().out
+    assert "has been marked dead" in out and "worker processes have been started" not in out
+    log = (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+    assert "raylet: WARNING: 4 PYTHON worker processes have been started" in log
+
+
 def test_ray_init_arguments_with_and_without_v():
     outside = console.ray_init_kwargs("auto")
     assert outside["log_to_driver"] is True and "runtime_env" not in outside  # library use: Ray's defaults
@@ -150,13 +196,18 @@ def _cli(tmp_path: Path, *args: str) -> str:
 def test_train_prints_a_short_console_and_names_its_logs_and_v_shows_ray(tmp_path, ray_local):
     cfg = _tiny_run_config(tmp_path, ray_local, segments=2)
     run_dir = tmp_path / "run"
-    out = _cli(tmp_path, "train", str(cfg), "--run-dir", str(run_dir))
+    out = _cli(tmp_path, "train", str(cfg), "--run-dir", str(run_dir), "--progress-every", "0")
     lines = out.split("\n")  # not splitlines(): a carriage return is no new line on a terminal
     assert len(lines) <= 60, out
     assert [ln.split(" done in")[0] for ln in lines if re.match(r"segment \d+/2 done in", ln)] == [
         "segment 1/2", "segment 2/2"], out
     assert "| segment | classes |" in out and re.search(r"^\| 1 \| ", out, re.M), out
-    assert not [ln for ln in lines if RAY_LINE.search(ln)], out
+    assert not [ln for ln in lines if RAY_LINE.search(ln) or "raylet" in ln or "core_worker" in ln], out
+    # In-segment progress reaches a pipe before the segment's "done" line (--progress-every 0:
+    # a line for every batch of step records).
+    first_done = next(i for i, ln in enumerate(lines) if re.match(r"segment 1/2 done in", ln))
+    assert any(re.match(r"segment 1/2: step \d+/2 \(\d+%\), [\d.]+ img/s, loss [\d.]+, ETA ", ln)
+               for ln in lines[:first_done]), out
     logs = run_dir / "logs"
     assert f"logs: {logs / console.DRIVER_LOG}" in out
     ray_logs = [p for p in logs.iterdir() if p.name.startswith(console.RAY_LOGS_PREFIX)]

@@ -165,3 +165,9 @@ def test_stream_lineage_through_mlflow_server(tmp_path: Path, tiny_dataset: str,
     enc = streamssl.load_encoder(run_dir)
     x = enc.preprocess(torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8))
     torch.testing.assert_close(loaded(x), enc(x))
+    # ... and a new version of the registered model named after the stream, with its lineage
+    version = client.get_model_version(cfg.name, parent.data.tags["registered_model_version"])
+    assert version.run_id == pid and version.source == uri
+    assert version.tags["segment"] == "1" and version.tags["checkpoint"] == ck1
+    assert version.tags["plan_digest"] == parent.data.tags["plan_digest"]
+    assert version.tags["checkpoint_digest"] == json.loads((Path(ck1) / "meta.json").read_text())["final_digest"]

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from streamssl.config import Config
+from streamssl.config import Config, ConfigError, load_config
 from streamssl.data import layout
 from streamssl.train.callbacks import SegmentResult, StreamContext
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session fixture)
@@ -165,7 +165,7 @@ def start_segment(tracker: MlflowTracker, ctx: StreamContext, t: int, *, live: b
 def end_segment(tracker: MlflowTracker, ctx: StreamContext, t: int, prev_ckpt: str | None) -> SegmentResult:
     ckpt = Path(ctx.run_dir) / "checkpoints" / f"segment-{t:03d}"
     ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / "meta.json").write_text(json.dumps({"segment": t, "step": STEPS, "final": True}))
+    (ckpt / "meta.json").write_text(json.dumps({"segment": t, "step": STEPS, "final": True, "final_digest": f"d{t}"}))
     (ckpt / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in step_records(t)))
     result = SegmentResult(
         segment=t, checkpoint_dir=str(ckpt), parent_checkpoint=prev_ckpt, num_images=10, num_replay_images=2 * t,
@@ -304,6 +304,37 @@ def test_two_segment_stream_lineage(tmp_path: Path) -> None:
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), TinyEncoder()(x))
     assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["status"] == "FINISHED"
+
+    # ... and version 1 of the registered model named after the stream, with the run's lineage
+    versions = client.search_model_versions("name = 'tracktest'")
+    assert [(str(v.version), v.run_id, v.source) for v in versions] == [("1", parent, tracker.model_uri)]
+    tags = client.get_model_version("tracktest", "1").tags
+    assert tags["stream_run_id"] == parent and tags["segment"] == "1" and tags["checkpoint_digest"] == "d1"
+    assert tags["plan_digest"] == ctx.plan_meta["digest"] and tags["checkpoint"] == r1.checkpoint_dir
+    assert prun.data.tags["registered_model"] == "tracktest" and prun.data.tags["registered_model_version"] == "1"
+    loaded = mlflow.pytorch.load_model(client.get_model_version_download_uri("tracktest", "1"))
+    torch.testing.assert_close(loaded(x), TinyEncoder()(x))
+
+
+def test_each_finished_stream_is_a_new_version_and_none_is_registered_when_disabled(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    for i, name in enumerate(("{experiment}-enc", "{experiment}-enc", None)):
+        ctx = make_stream(tmp_path / f"s{i}")
+        ctx.config.tracking.tracking_uri = uri
+        ctx.config.tracking.registered_model_name = name
+        tracker = MlflowTracker(strict=True, encoder_loader=lambda path: TinyEncoder(), plots=False,
+                                model_format="pickle")
+        tracker.on_stream_start(ctx)
+        start_segment(tracker, ctx, 0, live=False)
+        r0 = end_segment(tracker, ctx, 0, None)
+        tracker.on_stream_end(ctx, [r0])
+    client = MlflowClient(uri)
+    versions = client.search_model_versions(f"name = '{ctx.config.tracking.experiment}-enc'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert len(client.search_registered_models()) == 1
+    assert "registered_model" not in client.get_run(ctx.tracking.stream_run_id).data.tags
+    with pytest.raises(ConfigError, match="registered_model_name"):
+        load_config(None, ["tracking.registered_model_name={run}-encoder"])
 
 
 def test_resume_continues_parent_and_replaces_cut_off_segment(tmp_path: Path) -> None:
@@ -528,6 +559,9 @@ def test_tracker_against_mlflow_server(tmp_path: Path, mlflow_server: str) -> No
     assert {a.path for a in client.list_artifacts(parent, "plots")} == {f"plots/{f}" for f in PLOT_FILES}
     assert client.get_run(parent).data.tags["encoder_model_uri"].startswith("models:/")
     assert not (Path(ctx.run_dir) / "mlflow.db").exists()  # the server's store, not a local one
+    # the server's registry holds the final encoder as a version of the stream's model
+    version = client.get_model_version("tracktest", client.get_run(parent).data.tags["registered_model_version"])
+    assert version.run_id == parent and version.tags["stream_run_id"] == parent and version.tags["segment"] == "1"
 
 
 # --------------------------------------------------------------------------- plots

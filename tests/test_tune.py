@@ -109,13 +109,23 @@ def _check_summary_and_mlflow(sweep_dir: Path, summary: dict, grid: list[dict], 
     assert stream_dirs == {t["run_dir"] for t in trials}
 
 
-def test_sweep_two_trials_mlflow_nesting_summary_and_resume(tmp_path, tiny_dataset, ray_local):  # noqa: F811
+def test_sweep_two_trials_mlflow_nesting_summary_and_resume(tmp_path, tiny_dataset, ray_local,  # noqa: F811
+                                                             capsys, monkeypatch):
+    import re
+
+    from streamssl import console
     from streamssl.tune.sweep import run_sweep
 
     cfg = sweep_config(tmp_path, tiny_dataset, ray_local, segments=1,
                        search_space={"optim.lr": {"grid": [0.02, 0.2]}}, tune={"scheduler": "none"})
     sweep_dir = tmp_path / "sweep"
-    summary = run_sweep(cfg, sweep_dir=str(sweep_dir))
+    # The CLI's quiet console: the trial table, with each trial's in-segment progress (every batch
+    # of step records at interval 0).
+    monkeypatch.setenv("STREAMSSL_PROGRESS_EVERY", "0")
+    with console.session():
+        summary = run_sweep(cfg, sweep_dir=str(sweep_dir))
+    out = capsys.readouterr().out
+    assert re.search(r"^Trial \S+: seg 1/1 step \d+/\d+, [\d.]+ img/s, loss [\d.]+, ETA ", out, re.M), out
     grid = [{"optim.lr": 0.02}, {"optim.lr": 0.2}]
     _check_summary_and_mlflow(sweep_dir, summary, grid, segments=1)
     assert len({t["train/loss"] for t in summary["trials"]}) == 2  # the lr mattered: a real ranking

@@ -8,6 +8,9 @@ the resulting arrays. Two paths share one batch function:
   deserialized once per actor (not once per batch) and large evaluation sets stream through
   without ever being materialized as images on the driver;
 * :func:`extract_features_local` runs in-process on a numpy array (tests, small sets, CKA).
+
+:func:`encode_dataset` is the Ray path without the collection on the driver: a lazy dataset of
+features (with each row's ``image_id``) that ``streamssl embed`` writes out as Parquet.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def encode_batch(
 class _EncodeActor:
     """``map_batches`` callable class: builds the encoder once per actor of the pool."""
 
-    def __init__(self, encoder: Any, transform: Any, use_gpu: bool) -> None:
+    def __init__(self, encoder: Any, transform: Any, use_gpu: bool, with_ids: bool = False) -> None:
         import ray
 
         # ObjectRefs nested in constructor kwargs are not resolved automatically.
@@ -109,6 +112,7 @@ class _EncodeActor:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.encoder = encoder.to(self.device).eval()
         self.transform = transform.to(self.device).eval()
+        self.with_ids = with_ids
         self.dim: int | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -116,12 +120,16 @@ class _EncodeActor:
         # A ``segment`` column (see read_rows) is passed through as ``part``: several image sets
         # encoded in one pass are told apart by it (split_parts).
         parts = np.asarray(batch["segment"], np.int64) if "segment" in batch else None
+        ids = np.asarray(batch["image_id"], dtype=object) if self.with_ids else None
         if "valid" in batch:  # filter before stacking: an invalid row may hold no usable image
             keep = np.asarray(batch["valid"]).astype(bool)
             images, labels = images[keep], labels[keep]
             parts = parts[keep] if parts is not None else None
+            ids = ids[keep] if ids is not None else None
         images, labels = _stack_images(images), _to_labels(labels)
         out = {"label": labels} if parts is None else {"label": labels, "part": parts}
+        if ids is not None:
+            out["image_id"] = ids
         if len(labels) == 0:
             # Blocks must agree on the feature width, or Ray cannot concatenate them later.
             return {"features": np.zeros((0, self._dim(images)), np.float32), **out}
@@ -142,6 +150,43 @@ def _cpu_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).cpu().eval()
 
 
+def encode_dataset(
+    encoder: nn.Module,
+    ds: "ray.data.Dataset",
+    *,
+    transform: nn.Module,
+    batch_size: int = 512,
+    use_gpu: bool = False,
+    concurrency: int = 1,
+    num_cpus: float = 1.0,
+    with_ids: bool = False,
+) -> "ray.data.Dataset":
+    """Every valid row of a Ray Dataset (columns ``image`` uint8 (C,H,W), ``label``, optional
+    ``valid``, ``segment``, ``image_id``) encoded by an actor pool of ``concurrency`` actors, as a
+    lazy dataset of ``features`` (D,) float32, ``label`` [, ``part``] [, ``image_id`` when ``with_ids``].
+
+    The encoder and transform go into the object store once (``ray.put``) and each actor loads
+    them in its constructor. On GPU every actor takes one GPU. Undecodable rows (``valid`` false)
+    are dropped.
+    """
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        raise RuntimeError("encoding a Ray Dataset needs a running Ray (ray.init) -- or use extract_features_local")
+    enc_ref = ray.put(_cpu_copy(encoder))
+    tf_ref = ray.put(_cpu_copy(transform))
+    return ds.map_batches(
+        _EncodeActor,
+        fn_constructor_kwargs={"encoder": enc_ref, "transform": tf_ref, "use_gpu": use_gpu, "with_ids": with_ids},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=num_cpus,
+    )
+
+
 def extract_features(
     encoder: nn.Module,
     ds: "ray.data.Dataset",
@@ -153,19 +198,15 @@ def extract_features(
     num_cpus: float = 1.0,
     in_process: bool = False,
 ) -> FeatureSet:
-    """Encode every valid row of a Ray Dataset (columns ``image`` uint8 (C,H,W), ``label``,
-    optional ``valid``) with an actor pool of ``concurrency`` actors.
-
-    The encoder and transform go into the object store once (``ray.put``) and each actor loads
-    them in its constructor. On GPU every actor takes one GPU. Row order of the result follows
-    the dataset's block order, and features stay paired with their labels either way.
+    """Encode every valid row of a Ray Dataset (:func:`encode_dataset`) and collect the features
+    on the driver. Row order of the result follows the dataset's block order, and features stay
+    paired with their labels either way.
 
     ``in_process``: encode in this process instead (on its GPU with ``use_gpu``), Ray Data only
     reading and decoding: what the evaluation actor does with the GPU share it already holds, so
     that encoding asks Ray for no second GPU while training holds the others.
     """
     import ray
-    import ray.data
 
     if not ray.is_initialized():
         raise RuntimeError("extract_features needs a running Ray (ray.init) -- or use extract_features_local")
@@ -175,17 +216,9 @@ def extract_features(
         batches: Iterator[dict[str, np.ndarray]] = (
             encode(b) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
     else:
-        mapped = ds.map_batches(
-            _EncodeActor,
-            fn_constructor_kwargs={"encoder": ray.put(_cpu_copy(encoder)), "transform": ray.put(_cpu_copy(transform)),
-                                   "use_gpu": use_gpu},
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=num_cpus,
-        )
-        batches = mapped.iter_batches(batch_size=None, batch_format="numpy")
+        batches = encode_dataset(encoder, ds, transform=transform, batch_size=batch_size, use_gpu=use_gpu,
+                                 concurrency=concurrency, num_cpus=num_cpus).iter_batches(
+            batch_size=None, batch_format="numpy")
     feats: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     parts: list[np.ndarray] = []

@@ -48,7 +48,7 @@ def _report_final(run_dir: Path) -> None:
 
 
 def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], study_dir: str,
-                 tracking_uri: str | None, study_run_id: str | None) -> None:
+                 tracking_uri: str | None, study_run_id: str | None, progress: Any = None) -> None:
     from ray import tune
 
     from streamssl.assemble import default_callbacks
@@ -72,7 +72,9 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
         _report_final(run_dir)
         return
     resumed = bool(read_state(run_dir).completed)
-    callbacks = [_SweepParent(study_run_id), *default_callbacks(cfg), _TuneReporter()]
+    from streamssl.tune.reporter import trial_progress
+
+    callbacks = [_SweepParent(study_run_id), *default_callbacks(cfg), *trial_progress(progress), _TuneReporter()]
     StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
 
 
@@ -171,7 +173,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
 
     from streamssl import console
     from streamssl.run.jsonio import read_json, write_json_atomic
-    from streamssl.tune.reporter import tune_console
+    from streamssl.tune.reporter import progress_board, tune_console
     from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams, progress_metrics
 
     spec, cells = load_study(path, overrides)
@@ -204,8 +206,9 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     _prepare_datasets(cells)
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
+    board = None if resume else progress_board()  # cells' in-segment progress for the trial table
     trainable = tune.with_parameters(_study_trial, cells=cell_dicts, study_dir=str(sdir),
-                                     tracking_uri=tracking_uri, study_run_id=study_run_id)
+                                     tracking_uri=tracking_uri, study_run_id=study_run_id, progress=board)
     trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial_driver})
     if console.quiet():  # what Tune prints of an errored cell's last result: these, not all ~60
         trainable._progress_metrics = progress_metrics(None)
@@ -218,9 +221,14 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
                            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials),
                            run_config=tune.RunConfig(name="study", storage_path=str(sdir / "tune"),
                                                      failure_config=tune.FailureConfig(max_failures=1),
-                                                     **tune_console(param_space, progress_metrics(None))))
+                                                     **tune_console(param_space, progress_metrics(None),
+                                                                    board=board)))
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        if board is not None:
+            board.close()
     errors = {r.config.get("cell"): f"{type(r.error).__name__}: {r.error}" for r in grid if r.error}
     summary = write_outputs(spec.name, cells, sdir)
     summary["tune_wall_s"] = time.perf_counter() - t0

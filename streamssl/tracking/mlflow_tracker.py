@@ -72,7 +72,7 @@ from streamssl.tracking.mlflow_store import (
     str_tags,
     ui_url,
 )
-from streamssl.tracking.model_logging import load_encoder_default, log_encoder
+from streamssl.tracking.model_logging import load_encoder_default, log_encoder, register_encoder
 from streamssl.tracking.report import forgetting_and_accuracy
 from streamssl.tracking.run_file import SCHEMA_VERSION, RunFile
 from streamssl.train.callbacks import SegmentResult, StreamCallback, StreamContext
@@ -504,3 +504,25 @@ class MlflowTracker(StreamCallback):
         ctx.tracking.encoder_model_uri = uri
         self.client.set_tag(self.parent_run_id, "encoder_model_uri", uri)  # type: ignore[union-attr]
         self.client.set_tag(self.parent_run_id, "encoder_checkpoint", last.checkpoint_dir)  # type: ignore[union-attr]
+        self._register_final_encoder(ctx, last, uri)
+
+    def _register_final_encoder(self, ctx: StreamContext, last: SegmentResult, model_uri: str) -> None:
+        """The logged encoder as a new version of ``tracking.registered_model_name``, tagged with
+        the lineage that identifies it: stream run, plan, checkpoint and its weights' digest."""
+        cfg = ctx.config
+        template = cfg.tracking.registered_model_name
+        if not template:
+            return
+        name = template.format(name=cfg.name, experiment=cfg.tracking.experiment)
+        meta = Location(last.checkpoint_dir) / META_FILE
+        ckpt_meta = json.loads(meta.read_text()) if meta.is_file() else {}
+        tags = str_tags({"stream_run_id": self.parent_run_id, "segment": last.segment,
+                         "num_segments": ctx.num_segments, "checkpoint": last.checkpoint_dir,
+                         "checkpoint_digest": ckpt_meta.get("final_digest"),
+                         "plan_digest": meta_digest(ctx.plan_meta), "dataset_digest": meta_digest(ctx.dataset_meta),
+                         "config_digest": cfg.digest(), "run_dir": ctx.run_dir, "strategy": cfg.strategy})
+        version = register_encoder(self.client, self.tracking_uri, name, model_uri,  # type: ignore[arg-type]
+                                   self.parent_run_id, tags)  # type: ignore[arg-type]
+        log_batch(self.client, self.parent_run_id, tags={"registered_model": name,  # type: ignore[arg-type]
+                                                         "registered_model_version": version.version})
+        log.info("final encoder registered as %s version %s", name, version.version)

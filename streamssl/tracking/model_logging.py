@@ -1,4 +1,5 @@
-"""The stream's final encoder as an MLflow model (a LoggedModel of the stream run).
+"""The stream's final encoder as an MLflow model (a LoggedModel of the stream run), and as a new
+version of a registered model in MLflow's model registry (:func:`register_encoder`).
 
 ``mlflow.pytorch.log_model`` is the one MLflow call in ``tracking/`` that reads the global
 tracking URI instead of taking a client: it is set for the duration of that call, under a lock,
@@ -14,7 +15,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from streamssl.tracking.mlflow_store import flatten_params
@@ -80,3 +83,25 @@ def log_encoder(client: MlflowClient, tracking_uri: str, experiment_id: str, run
                                         pip_requirements=pip, serialization_format="pickle",
                                         metadata=info_meta or None)
         return info.model_uri
+
+
+def register_encoder(client: MlflowClient, tracking_uri: str, name: str, model_uri: str, run_id: str,
+                     tags: dict[str, str]) -> ModelVersion:
+    """Register the logged encoder ``model_uri`` (``models:/<model_id>``) as a new version of the
+    registered model ``name`` (created on first use), with ``tags`` on the version.
+
+    The client's calls rather than ``mlflow.register_model`` (which prints to stderr). MLflow's
+    database store resolves a ``models:/`` source through the global tracking URI, so that is set
+    for the call, as for ``log_model``. Needs a registry: a database-backed store or a server.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    try:
+        client.create_registered_model(name, description="Encoders trained by streamssl streams; one version "
+                                                          "per finished stream, tagged with its lineage.")
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    model_id = model_uri[len("models:/"):] if model_uri.startswith("models:/") else None
+    with _GLOBAL_URI_LOCK, _use_tracking_uri(tracking_uri):
+        return client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)

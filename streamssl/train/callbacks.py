@@ -46,6 +46,10 @@ class StreamContext:
     resumed: bool = False
     completed: int = 0  # segments already done when this (possibly resumed) run started
     tracking: TrackingIds = field(default_factory=TrackingIds)
+    # Each segment's optimizer steps and the images one step trains on (all workers), known to the
+    # driver before the segment starts: what progress within a segment is measured against.
+    segment_steps: dict[int, int] = field(default_factory=dict)
+    images_per_step: dict[int, int] = field(default_factory=dict)
 
 
 class StreamCallback:

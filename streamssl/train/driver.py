@@ -363,6 +363,8 @@ class _SegmentsFit:
             phase = Phase(segment=t, total_steps=bp.total_steps, own_per_batch=bp.own_per_batch, dataset=name,
                           start=start, extras={k: (ds, int(n)) for k, (ds, n) in extras.items()},
                           init_checkpoint=parent if start == "checkpoint" else None)
+            self.ctx.segment_steps[t] = bp.total_steps
+            self.ctx.images_per_step[t] = bp.micro_batch * cfg.scaling.num_workers * cfg.optim.grad_accum_steps
             self.prepared[t] = _PreparedSegment(t, phase, parent, own_rows, train_rows.num_rows, multi, extra_rows,
                                                 driver_state)
 

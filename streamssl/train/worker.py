@@ -644,8 +644,11 @@ def _open_data(work: _SegmentWork) -> None:
 NEXT_DATA_LEAD_S = 10.0
 
 
-# Rank 0 sends its step records to the driver in batches of this many (the driver logs them).
+# Rank 0 sends its step records to the driver in batches of this many (the driver logs them), or
+# sooner when this many seconds have passed since the last batch: slow steps (large images on a
+# CPU) still show progress on the console every few seconds. One message is one queue-actor call.
 STEPS_PER_MESSAGE = 20
+STEPS_MESSAGE_EVERY_S = 5.0
 
 
 def _train_steps(work: _SegmentWork) -> None:
@@ -659,16 +662,17 @@ def _train_steps(work: _SegmentWork) -> None:
     ckpt_every = work.cfg.scaling.checkpoint_every_steps
     work.engine.train()
     t_start = time.perf_counter()
-    sent = len(work.steps_log)
+    sent, sent_at = len(work.steps_log), t_start
     for step in range(work.start_step, work.total_steps):
         t0, waited = time.perf_counter(), work.data_wait_s
         out, terms = _optimizer_step(work, step)
         work.module.on_after_step(work.clock(step))
         if work.rank == 0:
             work.steps_log.append(_step_record(work, step, out, terms, t0, work.data_wait_s - waited))
-            if len(work.steps_log) - sent >= STEPS_PER_MESSAGE:
+            if (len(work.steps_log) - sent >= STEPS_PER_MESSAGE
+                    or time.perf_counter() - sent_at >= STEPS_MESSAGE_EVERY_S):
                 work.fit.channel.put({"kind": "steps", "segment": work.segment, "records": work.steps_log[sent:]})
-                sent = len(work.steps_log)
+                sent, sent_at = len(work.steps_log), time.perf_counter()
         if work.next_phase is not None:
             per_step = (time.perf_counter() - t_start) / (step + 1 - work.start_step)
             if (work.total_steps - step - 1) * per_step <= NEXT_DATA_LEAD_S:

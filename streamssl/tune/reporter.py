@@ -11,7 +11,11 @@ instead, which prints
   the trials' statuses change, once the change has settled, every 10 minutes when nothing
   changes, and at the end with the errored trials' error files;
 * one line when a trial starts (its parameters), one per finished segment (the numbers of
-  ``progress_metrics``) and one when it ends.
+  ``progress_metrics``) and one when it ends;
+* while a trial trains a segment, its progress in compact form every ``STREAMSSL_PROGRESS_EVERY``
+  seconds (default 30): ``Trial X: seg 2/5 step 140/400, 812 img/s, loss 6.123, ETA 05:12``. The
+  trial's :class:`TrialProgress` callback sends it over a :class:`ProgressBoard` (a Ray queue),
+  since a trial's own output stays in the logs.
 
 A trial's error is printed by Tune itself (its traceback, then the error file), once.
 """
@@ -22,6 +26,8 @@ import time
 from typing import Any
 
 from streamssl import console
+from streamssl.train.callbacks import SegmentResult, StreamCallback, StreamContext
+from streamssl.train.progress import SegmentProgress, progress_every_s
 
 try:  # the reporter base class of Ray Tune's console ("new output engine", Ray >= 2.5)
     from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
@@ -32,8 +38,84 @@ QUIET_TABLE_EVERY_S = 600.0  # the table even when nothing changed, so a long se
 SETTLE_S = 5.0  # statuses unchanged this long before the table is printed
 
 
+# A trial sends its progress at most this often (a queue-actor call each time).
+TRIAL_PROGRESS_SEND_EVERY_S = 5.0
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class ProgressBoard:
+    """Where trials post their in-segment progress and the driver's trial table reads it.
+
+    ``every_s`` (default :func:`progress_every_s` of the driver) travels with the board to the
+    trials, which post at most every ``min(every_s, TRIAL_PROGRESS_SEND_EVERY_S)`` seconds.
+    """
+
+    def __init__(self, every_s: float | None = None) -> None:
+        from ray.util.queue import Queue
+
+        self.every_s = progress_every_s() if every_s is None else every_s
+        self._queue = Queue(actor_options={"num_cpus": 0})
+        self._closed = False
+
+    def post(self, trial_id: str, line: str) -> None:
+        try:
+            self._queue.put({"trial_id": trial_id, "line": line}, block=False)
+        except Exception:  # noqa: BLE001 (progress must never stop a trial; the board may be gone)
+            pass
+
+    def latest(self) -> dict[str, str]:
+        """The newest line of each trial that posted since the last call (none once the board is
+        closed: a restored sweep's trial table still holds the board of the run before)."""
+        from queue import Empty
+
+        out: dict[str, str] = {}
+        while not self._closed:
+            try:
+                msg = self._queue.get_nowait()
+            except Empty:
+                break
+            except Exception:  # noqa: BLE001 (the queue actor is gone: ask no more)
+                self._closed = True
+                break
+            out[msg["trial_id"]] = msg["line"]
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.shutdown()
+
+
+def progress_board() -> ProgressBoard | None:
+    """A board when the console shows the trial table (a quiet session); else None."""
+    return ProgressBoard() if console.quiet() and TrialTable is not None else None
+
+
+class TrialProgress(StreamCallback):
+    """A trial's stream callback: posts the current segment's progress to the board."""
+
+    def __init__(self, board: ProgressBoard, trial_id: str, clock: Any = time.monotonic) -> None:
+        self.board, self.trial_id, self._clock = board, trial_id, clock
+        self.segment: SegmentProgress | None = None
+        self._sent = 0.0
+
+    def on_segment_start(self, ctx: StreamContext, segment: int) -> None:
+        self.segment = SegmentProgress.of(ctx, segment)
+        self._sent = self._clock()
+
+    def on_train_steps(self, ctx: StreamContext, segment: int, records: list[dict[str, Any]]) -> None:
+        if self.segment is None or self.segment.segment != segment:
+            return
+        self.segment.update(records)
+        now = self._clock()
+        if now - self._sent >= min(self.board.every_s, TRIAL_PROGRESS_SEND_EVERY_S):
+            self._sent = now
+            self.board.post(self.trial_id, self.segment.compact())
+
+    def on_segment_end(self, ctx: StreamContext, result: SegmentResult) -> None:
+        self.segment = None
 
 
 if TuneTerminalReporter is not None:
@@ -42,7 +124,8 @@ if TuneTerminalReporter is not None:
         """Tune's trial table when the trials' statuses change; one line per trial event."""
 
         def __init__(self, *, metric: str | None, mode: str | None, param_space: dict[str, Any],
-                     progress_metrics: list[str]) -> None:
+                     progress_metrics: list[str], board: ProgressBoard | None = None,
+                     every_s: float | None = None) -> None:
             super().__init__(AirVerbosity.DEFAULT, metric=metric, mode=mode, config=param_space,
                              progress_metrics=progress_metrics)
             self._inferred_metric = [k for k in progress_metrics if not k.startswith("time/")][:4]  # table columns
@@ -50,9 +133,28 @@ if TuneTerminalReporter is not None:
             self._seen_since = 0.0
             self._shown: list[tuple[str, str]] | None = None  # ... in the last table printed
             self._last_heartbeat_time = time.time()  # the first table: once the trials' start settled
+            self.board = board
+            self.every_s = progress_every_s() if every_s is None else every_s
+            self._progress: dict[str, str] = {}  # trial id -> its newest progress line, not yet printed
+            self._progress_at: dict[str, float] = {}  # trial id -> when its last line was printed
+
+        def print_progress(self, trials: list[Any], now: float) -> None:
+            """Each running trial's newest in-segment progress, at most every ``every_s`` seconds."""
+            if self.board is not None:
+                self._progress.update(self.board.latest())
+            for trial in trials:
+                line = self._progress.get(trial.trial_id)
+                if line is None or trial.status != "RUNNING":
+                    continue
+                if now - self._progress_at.get(trial.trial_id, 0.0) >= self.every_s:
+                    self._progress_at[trial.trial_id] = now
+                    del self._progress[trial.trial_id]
+                    self._start_block(f"trial_{trial}_progress")
+                    print(f"Trial {trial}: {line}")
 
         def print_heartbeat(self, trials: list[Any], *sys_args: Any, force: bool = False) -> None:
             now, state = time.time(), sorted((t.trial_id, t.status) for t in trials)
+            self.print_progress(trials, now)
             if state != self._seen:
                 self._seen, self._seen_since = state, now
             if force:  # the end: the table once more if it changed, or to list errored trials
@@ -92,14 +194,25 @@ else:  # pragma: no cover
 
 
 def tune_console(param_space: dict[str, Any], progress_metrics: list[str], metric: str | None = None,
-                 mode: str | None = None) -> dict[str, Any]:
+                 mode: str | None = None, board: ProgressBoard | None = None) -> dict[str, Any]:
     """``tune.RunConfig`` arguments for the console of the current session.
 
     Quiet session: Tune's reporter is silenced (it still prints trial errors) and a
-    :class:`TrialTable` prints the rest. ``-v``: Tune's reporter at its most verbose (every
-    result). Outside a session: Ray's defaults.
+    :class:`TrialTable` prints the rest, with the trials' progress from ``board``
+    (:func:`progress_board`). ``-v``: Tune's reporter at its most verbose (every result).
+    Outside a session: Ray's defaults.
     """
     if not console.quiet() or TrialTable is None:
         return {"verbose": console.tune_verbosity()}
     return {"verbose": 0, "callbacks": [TrialTable(metric=metric, mode=mode, param_space=param_space,
-                                                    progress_metrics=progress_metrics)]}
+                                                    progress_metrics=progress_metrics, board=board,
+                                                    every_s=board.every_s if board is not None else None)]}
+
+
+def trial_progress(board: ProgressBoard | None) -> list[StreamCallback]:
+    """The stream callbacks a trial adds for the console: its :class:`TrialProgress`, if a board is up."""
+    if board is None:
+        return []
+    from ray import tune
+
+    return [TrialProgress(board, tune.get_context().get_trial_id())]

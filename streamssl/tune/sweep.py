@@ -179,10 +179,11 @@ class _SweepParent(StreamCallback):
 
 
 def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, tracking_uri: str | None,
-           sweep_run_id: str | None) -> None:
+           sweep_run_id: str | None, progress: Any = None) -> None:
     from ray import tune
 
     from streamssl.assemble import default_callbacks
+    from streamssl.tune.reporter import trial_progress
     from streamssl.run.state import read_state
     from streamssl.train.driver import StreamRunner
 
@@ -196,7 +197,8 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], sweep_dir: str, trac
         # every report happens between runs. See docs/stack-notes.md.
         cfg.scaling.segments_per_fit = 1
     resumed = bool(read_state(run_dir).completed)  # a restored sweep continues this trial's stream
-    callbacks = [_SweepParent(sweep_run_id), *default_callbacks(cfg), _TuneReporter(cfg.tune.metric, cfg.tune.mode)]
+    callbacks = [_SweepParent(sweep_run_id), *default_callbacks(cfg), *trial_progress(progress),
+                 _TuneReporter(cfg.tune.metric, cfg.tune.mode)]
     StreamRunner(cfg, run_dir, resume=resumed, callbacks=callbacks).run()
 
 
@@ -309,7 +311,7 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from streamssl import console
-    from streamssl.tune.reporter import tune_console
+    from streamssl.tune.reporter import progress_board, tune_console
 
     param_space = build_param_space(cfg)
     if sweep_dir is None:
@@ -339,8 +341,9 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
     _check_fits(cfg)
 
     base = _absolute_paths(cfg.to_dict())
+    board = None if resume else progress_board()  # trials' in-segment progress for the trial table
     trainable = tune.with_parameters(_trial, base=base, sweep_dir=str(sdir), tracking_uri=tracking_uri,
-                                     sweep_run_id=sweep_run_id)
+                                     sweep_run_id=sweep_run_id, progress=board)
     # The trial function is only the stream driver; its Ray Train workers ask for their own CPUs.
     trainable = tune.with_resources(trainable, {"cpu": cfg.tune.cpus_per_trial_driver})
     t = cfg.tune
@@ -371,9 +374,14 @@ def run_sweep(cfg: Config, *, resume: bool = False, sweep_dir: str | None = None
                                         num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials),
             run_config=tune.RunConfig(name="sweep", storage_path=str(sdir / "tune"),
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      **tune_console(param_space, progress_metrics(t.metric), t.metric, t.mode)),
+                                      **tune_console(param_space, progress_metrics(t.metric), t.metric, t.mode,
+                                                     board)),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        if board is not None:
+            board.close()
 
     rows = []
     for r in grid:
