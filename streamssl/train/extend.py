@@ -35,7 +35,7 @@ def extend_plan_of_run(run_dir: str, segments: int = 1, overrides: Sequence[str]
     plan's metadata. Raises :class:`NothingToExtend` when no new rows exist."""
     from streamssl.data import layout as data_layout
     from streamssl.data.extension import extend_plan
-    from streamssl.data.plan import load_plan, rows_not_in_plan, write_plan
+    from streamssl.data.plan import load_plan, rows_not_in_plan
     from streamssl.data.validation import split_train
 
     run = RunLayout(run_dir)
