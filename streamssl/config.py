@@ -16,11 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streamssl.registry import SSL_METHODS, STRATEGIES
+from streamssl.registry import DATA_SOURCES, SSL_METHODS, STRATEGIES
 
 # Allowed names come from the registries (one list each); Literal[tuple] is Literal[*names].
 MethodName = Literal[tuple(SSL_METHODS)]  # type: ignore[valid-type]
 StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+SourceName = Literal[tuple(DATA_SOURCES)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,7 @@ class DataConfig(_Section):
     """Where the ingested dataset lives and how to (re)build it."""
 
     dataset_dir: str = "data/fashion-mnist"
-    source: Literal["fashion-mnist", "idx", "folder", "manifest"] = "fashion-mnist"
+    source: SourceName = "fashion-mnist"  # streamssl/registry.py DATA_SOURCES
     src: str | None = None  # source location; None = the source's default
     image_size: int = Field(28, ge=8, le=1024)  # decoded images are resized to this square size
     channels: Literal[1, 3] = 1

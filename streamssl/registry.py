@@ -1,4 +1,5 @@
-"""The names a config may choose for ``ssl.method`` and ``strategy``, and where each one lives.
+"""The names a config may choose for ``ssl.method``, ``strategy`` and ``data.source``, and where
+each one lives.
 
 One list per kind, read by both sides: ``config.py`` takes its allowed values from the keys
 (so a bad name fails validation naming the field and these values), and ``ssl.build_method`` /
@@ -33,6 +34,17 @@ STRATEGIES: dict[str, str | None] = {
     "cumulative": "streamssl.continual.joint:Cumulative",
     "cassle": "streamssl.continual.cassle:CaSSLe",
     "lump": "streamssl.continual.lump:LUMP",
+}
+
+
+#: ``data.source`` (``streamssl ingest --source``) -> the
+#: :class:`~streamssl.data.sources.base.Source` subclass; its ``from_src(src)`` builds it from
+#: ``data.src`` / ``--src`` (None: the source's default location).
+DATA_SOURCES: dict[str, str] = {
+    "fashion-mnist": "streamssl.data.sources.fashion_mnist:FashionMNISTSource",
+    "idx": "streamssl.data.sources.idx:IdxSource",
+    "folder": "streamssl.data.sources.folder:FolderSource",
+    "manifest": "streamssl.data.sources.manifest:ManifestSource",
 }
 
 

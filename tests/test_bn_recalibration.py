@@ -48,8 +48,7 @@ def test_bn_recalibration_metrics_run_the_probes_again(ray_local, tmp_path) -> N
     from benchmarks.make_digits_dataset import write_digits_folder
     from streamssl.config import load_config
     from streamssl.data.ingest import ingest
-    from streamssl.evaluate.after_segment import evaluate_encoder_on_config
-    from streamssl.evaluate.bn_recalibration import bn_recalibration_metrics
+    from streamssl.evaluate.after_segment import bn_recalibration_metrics, evaluate_encoder_on_config
     from streamssl.ssl import build_method
 
     src = write_digits_folder(tmp_path / "src", per_class=12)

@@ -139,6 +139,36 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
     return metrics
 
 
+def transfer_metrics(cfg: Config, encoder: Any) -> dict[str, float]:
+    """``eval/transfer_*``: the probes on ``eval.transfer_dataset`` (:mod:`streamssl.evaluate.transfer`);
+    empty when it is not set."""
+    from streamssl.evaluate.transfer import transfer_config, transfer_named
+
+    if not cfg.eval.transfer_dataset:
+        return {}
+    return transfer_named(evaluate_encoder_on_config(transfer_config(cfg), encoder, None))
+
+
+def bn_recalibration_metrics(cfg: Config, encoder: Any, plan_meta: dict[str, Any] | None) -> dict[str, float]:
+    """``eval/bn_recal_*``: the probes after re-estimating BatchNorm statistics on the probe's train
+    images (:mod:`streamssl.evaluate.bn_recalibration`); empty when ``eval.bn_recalibration`` is
+    off or the encoder has no BatchNorm."""
+    from streamssl.data.segments import read_rows_local
+    from streamssl.evaluate.bn_recalibration import RECALIBRATION_IMAGES, bn_recal_named, recalibrate_batchnorm
+    from streamssl.ssl.augment import eval_transform
+
+    if not cfg.eval.bn_recalibration:
+        return {}
+    train, _, _ = probe_sets(cfg)
+    rows = read_rows_local(cfg.data.dataset_dir, train.select(["image_id"]).slice(0, RECALIBRATION_IMAGES),
+                           image_size=cfg.data.image_size, channels=cfg.data.channels)
+    images = rows["image"][rows["valid"].astype(bool)]
+    backbone = getattr(encoder, "backbone", encoder)
+    transform = eval_transform(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
+    recalibrated, layers = recalibrate_batchnorm(backbone, images, transform)
+    return bn_recal_named(evaluate_encoder_on_config(cfg, recalibrated, plan_meta)) if layers else {}
+
+
 def validation_metrics(train: Any, val: Any, cfg: Config) -> dict[str, float]:
     """``eval/val_knn_acc`` and ``eval/val_linear_acc``: the probes scored on the validation split,
     what every selection (sweep metric, recipe, study tuning) reads instead of the test split."""
@@ -159,9 +189,6 @@ def evaluate_checkpoint(cfg: Config, ckpt_dir: str | Path, plan_meta: dict[str, 
     with it, ``eval/cka_prev`` is computed too.
     """
     from streamssl.export import load_encoder
-
-    from streamssl.evaluate.bn_recalibration import bn_recalibration_metrics
-    from streamssl.evaluate.transfer import transfer_metrics
 
     encoder = load_encoder(ckpt_dir)
     metrics = evaluate_encoder_on_config(cfg, encoder, plan_meta)
@@ -283,8 +310,6 @@ def evaluate_random_init(cfg: Config) -> dict[str, float]:
 
     from streamssl.ssl import build_method, model_init_seed
 
-    from streamssl.evaluate.transfer import transfer_metrics
-
     torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 (and every joint segment) starts from
     model = build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
     return {**evaluate_encoder_on_config(cfg, model, None), **transfer_metrics(cfg, model)}
@@ -312,8 +337,6 @@ def evaluate_raw_pixels(cfg: Config) -> dict[str, float]:
     """The probes on flattened raw pixels in [0, 1]: the reference an encoder must beat to be worth
     having at all (on Fashion-MNIST it is stronger than any random-init encoder)."""
     from streamssl.ssl.augment import normalization
-
-    from streamssl.evaluate.transfer import transfer_metrics
 
     mean, std = normalization(cfg.ssl.augment, cfg.data.channels)
     pixels = raw_pixels_module(mean, std)

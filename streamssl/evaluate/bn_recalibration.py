@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamssl.config import Config
-
 RECALIBRATION_IMAGES = 2000
 RECALIBRATION_BATCH = 256
 PREFIX = "eval/bn_recal_"
@@ -42,23 +40,6 @@ def recalibrate_batchnorm(encoder: nn.Module, images_uint8: Any, transform: nn.M
     return model.eval(), len(norms)
 
 
-def bn_recalibration_metrics(cfg: Config, encoder: Any, plan_meta: dict[str, Any] | None) -> dict[str, float]:
-    """``eval/bn_recal_*``: the probes after :func:`recalibrate_batchnorm` on the probe's train
-    images; empty when ``eval.bn_recalibration`` is off or the encoder has no BatchNorm."""
-    if not cfg.eval.bn_recalibration:
-        return {}
-    from streamssl.data.segments import read_rows_local
-    from streamssl.evaluate.after_segment import evaluate_encoder_on_config, probe_sets
-    from streamssl.ssl.augment import eval_transform
-
-    train, _, _ = probe_sets(cfg)
-    rows = read_rows_local(cfg.data.dataset_dir, train.select(["image_id"]).slice(0, RECALIBRATION_IMAGES),
-                           image_size=cfg.data.image_size, channels=cfg.data.channels)
-    images = rows["image"][rows["valid"].astype(bool)]
-    backbone = getattr(encoder, "backbone", encoder)
-    transform = eval_transform(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels)
-    recalibrated, layers = recalibrate_batchnorm(backbone, images, transform)
-    if not layers:
-        return {}
-    m = evaluate_encoder_on_config(cfg, recalibrated, plan_meta)
-    return {PREFIX + k: float(m[f"eval/{k}"]) for k in ("knn_acc", "linear_acc") if f"eval/{k}" in m}
+def bn_recal_named(metrics: dict[str, float]) -> dict[str, float]:
+    """The probes' metrics after recalibration under their ``eval/bn_recal_*`` names."""
+    return {PREFIX + k: float(metrics[f"eval/{k}"]) for k in ("knn_acc", "linear_acc") if f"eval/{k}" in metrics}

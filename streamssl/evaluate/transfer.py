@@ -12,8 +12,6 @@ is the probe's train set up to ``eval.max_train_images``, and no validation spli
 
 from __future__ import annotations
 
-from typing import Any
-
 from streamssl.config import Config
 
 PREFIX = "eval/transfer_"
@@ -31,11 +29,6 @@ def transfer_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"data": data, "eval": evaluation})
 
 
-def transfer_metrics(cfg: Config, encoder: Any) -> dict[str, float]:
-    """``eval/transfer_*`` for ``encoder``; empty when ``eval.transfer_dataset`` is not set."""
-    if not cfg.eval.transfer_dataset:
-        return {}
-    from streamssl.evaluate.after_segment import evaluate_encoder_on_config
-
-    m = evaluate_encoder_on_config(transfer_config(cfg), encoder, None)
-    return {PREFIX + k: float(m[f"eval/{k}"]) for k in _KEPT if f"eval/{k}" in m}
+def transfer_named(metrics: dict[str, float]) -> dict[str, float]:
+    """The probes' metrics on the transfer dataset under their ``eval/transfer_*`` names."""
+    return {PREFIX + k: float(metrics[f"eval/{k}"]) for k in _KEPT if f"eval/{k}" in metrics}

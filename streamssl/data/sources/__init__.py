@@ -10,7 +10,8 @@ Labels: when a source knows class *names* but not integer labels (folder, manife
 ``class_name``), label ``i`` is the ``i``-th class name in sorted (code point) order.
 
 One module per source (``idx``, ``fashion_mnist``, ``folder``, ``manifest``) on top of ``base``
-(record, interface, error); this module is the factory the CLI and ingest use.
+(record, interface, error), each named in :data:`streamssl.registry.DATA_SOURCES`; this module is
+the factory the CLI and ingest use.
 """
 
 from __future__ import annotations
@@ -24,25 +25,17 @@ from streamssl.data.sources.fashion_mnist import (
 from streamssl.data.sources.folder import FolderSource
 from streamssl.data.sources.idx import IdxHeader, IdxPart, IdxSource, iter_idx, read_idx_header
 from streamssl.data.sources.manifest import ManifestSource
+from streamssl.registry import DATA_SOURCES, resolve
 
-SOURCES = ("fashion-mnist", "idx", "folder", "manifest")
+SOURCES = tuple(DATA_SOURCES)
 
 
 def open_source(name: str, src: str | None = None) -> Source:
-    """Build a source by its CLI name; ``src`` is its location (None = the source's default)."""
-    if name == "fashion-mnist":
-        return FashionMNISTSource(src)
-    if name == "idx":
-        return IdxSource.from_src(src)
-    if name == "folder":
-        if not src:
-            raise IngestError("folder source needs --src: a directory of class folders")
-        return FolderSource(src)
-    if name == "manifest":
-        if not src:
-            raise IngestError("manifest source needs --src: a CSV or Parquet file with a 'path' column")
-        return ManifestSource(src)
-    raise IngestError(f"unknown source {name!r}; choose one of: {', '.join(SOURCES)}")
+    """Build a source by its CLI name (:data:`streamssl.registry.DATA_SOURCES`); ``src`` is its
+    location (None = the source's default)."""
+    if name not in DATA_SOURCES:
+        raise IngestError(f"unknown source {name!r}; choose one of: {', '.join(SOURCES)}")
+    return resolve(DATA_SOURCES[name]).from_src(src)
 
 
 __all__ = [

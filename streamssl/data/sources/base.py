@@ -50,6 +50,12 @@ class Source(abc.ABC):
 
     name: str = "source"
 
+    @classmethod
+    def from_src(cls, src: str | None) -> "Source":
+        """The source at ``src`` (``data.src`` / ``--src``; None = its default location, if it has
+        one): how ingest and the CLI build a source named in the registry, which must define it."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a --src location")
+
     @abc.abstractmethod
     def __iter__(self) -> Iterator[Record]: ...
 

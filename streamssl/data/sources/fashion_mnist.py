@@ -61,5 +61,9 @@ class FashionMNISTSource(IdxSource):
         self.root = root
         super().__init__(parts, class_names=FASHION_MNIST_CLASSES)
 
+    @classmethod
+    def from_src(cls, src: str | None) -> "FashionMNISTSource":
+        return cls(src)
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "src": self.root}

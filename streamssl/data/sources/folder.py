@@ -51,6 +51,12 @@ class FolderSource(Source):
 
     name = "folder"
 
+    @classmethod
+    def from_src(cls, src: str | None) -> "FolderSource":
+        if not src:
+            raise IngestError("folder source needs --src: a directory of class folders")
+        return cls(src)
+
     def __init__(self, root: str | os.PathLike[str], splits: bool | None = None) -> None:
         root = os.path.abspath(os.fspath(root))
         if not os.path.exists(root):

@@ -94,6 +94,12 @@ class ManifestSource(Source):
 
     name = "manifest"
 
+    @classmethod
+    def from_src(cls, src: str | None) -> "ManifestSource":
+        if not src:
+            raise IngestError("manifest source needs --src: a CSV or Parquet file with a 'path' column")
+        return cls(src)
+
     def __init__(self, path: str | os.PathLike[str], *, batch_rows: int = 8192) -> None:
         path = os.path.abspath(os.fspath(path))
         if not os.path.exists(path):
