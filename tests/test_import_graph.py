@@ -84,3 +84,24 @@ def test_the_package_has_no_import_circles() -> None:
 
 def test_the_cycle_finder_finds_a_circle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same graph between streamssl's subpackages and top-level modules (``streamssl.data``,
+    ``streamssl.config`` ...; the package's own ``__init__`` as ``streamssl``)."""
+    def unit(m: str) -> str:
+        parts = m.split(".")
+        return ".".join(parts[:2])
+
+    out: dict[str, set[str]] = {unit(m): set() for m in graph}
+    for m, targets in graph.items():
+        out[unit(m)] |= {unit(t) for t in targets if unit(t) != unit(m)}
+    return out
+
+
+def test_subpackages_only_import_downward() -> None:
+    """No two subpackages (or top-level modules) import each other, even through others: their
+    graph is acyclic, so the layer order in README.md ("The pieces") holds for every import."""
+    units = package_graph(import_graph())
+    assert {"streamssl.data", "streamssl.train", "streamssl.evaluate"} <= set(units)
+    assert cycles(units) == []
