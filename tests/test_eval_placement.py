@@ -70,7 +70,8 @@ def _run(tmp_path: Path, dataset: str, gpus: float, **scaling_and_eval: dict) ->
 
 
 @pytest.mark.parametrize("gpus,scaling,evaluation", [
-    pytest.param(2.0, {"gpus_per_worker": 0.75}, {"num_gpus": 0.25}, id="gpu-fraction-beside-training"),
+    pytest.param(2.0, {"gpus_per_worker": 0.75}, {"num_gpus": 0.25}, id="gpu-fraction-beside-training",
+                 marks=pytest.mark.slow),  # ~75 s: a stream on a cluster of its own
     pytest.param(3.0, {"gpus_per_worker": 1.0}, {"num_gpus": 1.0}, id="reserved-eval-gpu", marks=pytest.mark.slow),
 ])
 def test_evaluation_runs_while_training_holds_the_gpus(tmp_path, gpus, scaling, evaluation) -> None:
