@@ -47,8 +47,9 @@ def test_an_evaluation_costing_more_than_its_share_says_so() -> None:
     cfg = load_config(None, [])
     assert eval_cost_warning(cfg, 2, eval_s=20.0, train_s=100.0) is None  # 20% <= 25%
     msg = eval_cost_warning(cfg, 2, eval_s=40.0, train_s=100.0)
-    assert msg and msg.startswith("segment 2: evaluation took 40 s, 40% of its 100 s")
-    assert "eval.max_train_images" in msg and "eval.num_gpus" in msg
+    assert msg and msg.startswith("segment 2: evaluation took 40 s, 40.0% of its 100 s")
+    assert "eval.max_train_images" in msg and "eval.num_gpus" in msg and "diagnostics" not in msg
+    assert "eval.diagnostics=false" in eval_cost_warning(load_config(None, ["eval.diagnostics=true"]), 2, 40.0, 100.0)
     assert eval_cost_warning(load_config(None, ["eval.max_cost_fraction=0.5"]), 2, 40.0, 100.0) is None
 
 

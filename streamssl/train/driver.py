@@ -648,11 +648,14 @@ def eval_cost_warning(cfg: Config, t: int, eval_s: float, train_s: float) -> str
     if train_s <= 0 or eval_s <= cfg.eval.max_cost_fraction * train_s:
         return None
     e = cfg.eval
-    return (f"segment {t}: evaluation took {eval_s:.0f} s, {100 * eval_s / train_s:.0f}% of its {train_s:.0f} s of "
-            f"training (over eval.max_cost_fraction={e.max_cost_fraction:g}); cheaper: a smaller "
-            f"eval.max_train_images (now {e.max_train_images}) or eval.max_test_images (now {e.max_test_images}), "
-            f"fewer eval.fewshot_episodes (now {e.fewshot_episodes}), eval.diagnostics=false (now "
-            f"{str(e.diagnostics).lower()}), or a GPU share for it (eval.num_gpus, cluster/README.md)")
+    cheaper = [f"a smaller eval.max_train_images (now {e.max_train_images})",
+               f"eval.max_test_images (now {e.max_test_images or 'all'})",
+               f"fewer eval.fewshot_episodes (now {e.fewshot_episodes})"]
+    cheaper += [f"eval.{k}=false" for k in ("diagnostics", "bn_recalibration") if getattr(e, k)]
+    if e.num_gpus == 0:
+        cheaper.append("a GPU share for it (eval.num_gpus, cluster/README.md)")
+    return (f"segment {t}: evaluation took {eval_s:.0f} s, {100 * eval_s / train_s:.1f}% of its {train_s:.0f} s of "
+            f"training (over eval.max_cost_fraction={e.max_cost_fraction:g}); cheaper: " + ", ".join(cheaper))
 
 
 def _segment_meta(plan_meta: dict[str, Any], t: int) -> dict[str, Any]:
