@@ -148,7 +148,7 @@ class ContinualConfig(_Section):
 
     cassle_weight: float = Field(1.0, ge=0)  # distillation loss weight (the paper adds it with weight 1)
     cassle_pred_hidden_dim: int = Field(512, ge=8)  # the 2-layer predictor's hidden width
-    lump_alpha: float = Field(0.1, gt=0)  # mixup coefficient lambda ~ Beta(alpha, alpha)
+    lump_alpha: float = Field(0.4, gt=0)  # mixup coefficient lambda ~ Beta(alpha, alpha); the authors' configs
 
 
 class InitConfig(_Section):
