@@ -4,7 +4,8 @@
 The cases pair a method with a strategy so that four additions cost three short runs; the tiny
 stream of ``tests.tiny_stream`` keeps each one to seconds of training. CaSSLe's run kills a
 worker mid-segment: the restarted group must distill from the same frozen model, which it can
-only get back from the in-segment checkpoint.
+only get back from the in-segment checkpoint. That run is in the default set; the two
+method + strategy pairs (about a minute each here) are in the slow set.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param("vicreg+lump"), pytest.param("dino+cassle", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", [pytest.param("vicreg+lump", marks=pytest.mark.slow),
+                                  pytest.param("dino+cassle", marks=pytest.mark.slow)])
 def test_method_and_strategy_train_a_two_segment_stream(case, tmp_path, tiny_dataset, ray_local):
     run_dir = _train(tmp_path, tiny_dataset, ray_local, **CASES[case])
     seg0, seg1 = _steps(run_dir, 0), _steps(run_dir, 1)
