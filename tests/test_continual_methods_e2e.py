@@ -4,8 +4,9 @@
 The cases pair a method with a strategy so that four additions cost three short runs; the tiny
 stream of ``tests.tiny_stream`` keeps each one to seconds of training. CaSSLe's run kills a
 worker mid-segment: the restarted group must distill from the same frozen model, which it can
-only get back from the in-segment checkpoint. That run is in the default set; the two
-method + strategy pairs (about a minute each here) are in the slow set.
+only get back from the in-segment checkpoint. All three are in the slow set (about a minute
+each here); the default run keeps each method's and strategy's loss tests (test_ssl.py,
+test_continual.py).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def test_method_and_strategy_train_a_two_segment_stream(case, tmp_path, tiny_dat
         assert all(r["penalty/cassle/distill"] > 0 for r in seg1)
 
 
+@pytest.mark.slow  # ~1-1.5 min: a stream with a worker killed in it
 def test_cassle_frozen_model_is_restored_from_the_checkpoint_after_a_killed_worker(tmp_path, tiny_dataset,
                                                                                    ray_local):
     """Segment 1 distills from segment 0's final model; a worker killed in segment 1 makes Ray Train

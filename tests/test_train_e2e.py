@@ -212,6 +212,7 @@ class _FailAfterTraining(_BlockAfterFirstSegment):
             raise RuntimeError("the tracking server went away")
 
 
+@pytest.mark.slow  # ~40-50 s: a failed stream, then its resume
 def test_resume_publishes_a_segment_finished_before_the_failure(tmp_path, tiny_dataset, ray_local):
     """``resume`` after a driver failure past the last segment's training publishes that segment
     from Ray's storage (the interrupted Ray run's latest checkpoint) instead of retraining it."""
