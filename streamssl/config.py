@@ -161,7 +161,12 @@ class InitConfig(_Section):
 class ScalingConfig(_Section):
     """Ray Train + DeepSpeed resources. Defaults are safe on a 2-core CPU box."""
 
-    num_workers: int = Field(2, ge=1)
+    # An int: a fixed-size worker group. [min, max]: an elastic group, which Ray Train starts with
+    # as many workers as the cluster has room for (at least min) and resizes when nodes come and
+    # go; the global batch stays the one of max workers (see streamssl/train/elastic.py).
+    num_workers: int | list[int] = 2
+    # Elastic groups: how often Ray Train considers growing the group (seconds).
+    elastic_resize_interval_s: float = Field(60.0, ge=0)
     use_gpu: bool = False
     # GPU share each worker reserves with use_gpu: below 1 leaves room on its GPU for the
     # evaluation actor (eval.num_gpus), see cluster/README.md "Resource plan".
@@ -181,6 +186,37 @@ class ScalingConfig(_Section):
     # Segments trained by one Ray Train run (one worker group, process group, set of imports).
     # None = all the stream's remaining segments; 1 = a new TorchTrainer.fit() per segment.
     segments_per_fit: int | None = Field(None, ge=1)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_count_or_range(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError(f"num_workers {v}: must be >= 1 (or a range [min, max])")
+            return v
+        if len(v) != 2 or not 1 <= v[0] <= v[1]:
+            raise ValueError(f"num_workers {v}: an elastic range is [min, max] with 1 <= min <= max")
+        return v[0] if v[0] == v[1] else list(v)
+
+    @model_validator(mode="after")
+    def _elastic_needs_whole_optimizer_state(self) -> "ScalingConfig":
+        if self.elastic and self.zero_stage != 0:
+            raise ValueError(f"num_workers {self.num_workers} (elastic) needs zero_stage 0: ZeRO-{self.zero_stage} "
+                             "shards the optimizer state by world size, and a resized group could not load it")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """Workers of a full-size group: what batches, steps and resources are planned for."""
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
     @field_validator("resources_per_worker")
     @classmethod

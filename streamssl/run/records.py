@@ -28,6 +28,9 @@ class SegmentResult:
     domains: list[str] = field(default_factory=list)
     step_metrics_file: str | None = None  # JSONL of per-step metrics from rank 0
     accuracy_row: dict[str, list[float]] = field(default_factory=dict)  # metric -> acc on segment i<=t..
+    # Elastic worker groups: each size change while this segment trained (segment, step, old and
+    # new world size).
+    resizes: list[dict[str, int]] = field(default_factory=list)
 
 
 def result_to_dict(r: SegmentResult) -> dict[str, Any]:
@@ -58,4 +61,5 @@ def result_from_dict(d: Mapping[str, Any]) -> SegmentResult:
         domains=list(d.get("domains") or []),
         step_metrics_file=d.get("step_metrics_file"),
         accuracy_row={k: [_number(v) for v in row] for k, row in (d.get("accuracy_row") or {}).items()},
+        resizes=[dict(e) for e in d.get("resizes") or []],
     )

@@ -395,6 +395,9 @@ class MlflowTracker(StreamCallback):
             "parent_checkpoint": result.parent_checkpoint or "none",
             "checkpoint": result.checkpoint_dir,
             "previous_segment_run_id": prev.get("run_id"),
+            # elastic groups: "segment:step:old->new" per resize while this segment trained
+            "resizes": " ".join(f"{e['segment']}:{e['step']}:{e['old_world_size']}->{e['new_world_size']}"
+                                for e in result.resizes) or None,
         })
         meta = Location(result.checkpoint_dir) / META_FILE
         if meta.is_file():

@@ -66,7 +66,7 @@ def run_demo(config_path: str, overrides: list[str], run_dir: str | None = None,
     # What else Ray prints (Ray Data's progress bars among it) is the CLI's console session's
     # business (streamssl.console): kept in the run's logs/, or shown with -v.
     print(f"streamssl demo: {cfg.stream.segments}-segment {cfg.stream.protocol} stream of {cfg.data.source}, "
-          f"{cfg.ssl.method} on {cfg.ssl.backbone}, {cfg.scaling.num_workers} Ray Train workers (DeepSpeed ZeRO-"
+          f"{cfg.ssl.method} on {cfg.ssl.backbone}, {cfg.scaling.max_workers} Ray Train workers (DeepSpeed ZeRO-"
           f"{cfg.scaling.zero_stage}), replay {cfg.replay.size}, regularization {cfg.regularization.method}",
           flush=True)
     t0 = time.perf_counter()

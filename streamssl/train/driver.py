@@ -152,7 +152,7 @@ def batch_plan(cfg: Config, train_rows: int, extras: Sequence[ExtraRows] = ()) -
       own row is then seen ``(1 - r) * epochs_per_segment`` times on average instead of
       ``epochs_per_segment``. At least one own row stays in every batch.
     """
-    workers, batch, accum = cfg.scaling.num_workers, cfg.optim.batch_size, cfg.optim.grad_accum_steps
+    workers, batch, accum = cfg.scaling.max_workers, cfg.optim.batch_size, cfg.optim.grad_accum_steps
     if cfg.optim.steps_per_segment:
         total_steps = cfg.optim.steps_per_segment
     else:
@@ -172,6 +172,10 @@ def batch_plan(cfg: Config, train_rows: int, extras: Sequence[ExtraRows] = ()) -
                 raise ValueError(f"optim.batch_size {batch} leaves no room for the {extra.name!r} rows (replace mode)")
             per_batch[extra.name] = n
             own -= n
+    if cfg.scaling.elastic:
+        from streamssl.train.elastic import check_divisible
+
+        check_divisible({"own": own, **per_batch}, cfg.scaling.min_workers, workers)
     return BatchPlan(own_per_batch=own, extra_per_batch=per_batch, total_steps=total_steps,
                      extra_rows_needed={k: total_steps * accum * workers * n for k, n in per_batch.items()})
 
@@ -362,9 +366,10 @@ class _SegmentsFit:
             self.strategy.save_driver_state(driver_state)
             phase = Phase(segment=t, total_steps=bp.total_steps, own_per_batch=bp.own_per_batch, dataset=name,
                           start=start, extras={k: (ds, int(n)) for k, (ds, n) in extras.items()},
-                          init_checkpoint=parent if start == "checkpoint" else None)
+                          init_checkpoint=parent if start == "checkpoint" else None,
+                          elastic_range=(cfg.scaling.min_workers, cfg.scaling.max_workers) if cfg.scaling.elastic else None)
             self.ctx.segment_steps[t] = bp.total_steps
-            self.ctx.images_per_step[t] = bp.micro_batch * cfg.scaling.num_workers * cfg.optim.grad_accum_steps
+            self.ctx.images_per_step[t] = bp.micro_batch * cfg.scaling.max_workers * cfg.optim.grad_accum_steps
             self.prepared[t] = _PreparedSegment(t, phase, parent, own_rows, train_rows.num_rows, multi, extra_rows,
                                                 driver_state)
 
@@ -399,12 +404,13 @@ class _SegmentsFit:
                        else {"storage_path": ray_dir.path, "storage_filesystem": ray_dir.fs})
             trainer = TorchTrainer(
                 train_loop_per_worker=_train_loop_entry,
-                train_loop_config={"config": cfg.to_dict(), "channel": channel,
+                train_loop_config={"config": cfg.to_dict(), "channel": channel, "run_dir": self.runner.run_dir,
                                    "phases": [self.prepared[t].phase for t in self.segments]},
                 scaling_config=ray_scaling_config(cfg),
                 torch_config=ray_torch_config(cfg),
                 datasets=datasets,
-                dataset_config=DataConfig(datasets_to_split="all"),
+                # Elastic groups read whole segments on every rank and slice by global position.
+                dataset_config=DataConfig(datasets_to_split=[] if cfg.scaling.elastic else "all"),
                 run_config=RunConfig(
                     name=name,
                     **storage,
@@ -493,20 +499,26 @@ class _SegmentsFit:
 
     def _publish(self, t: int, checkpoint_name: str) -> None:
         """Segment t's checkpoint: the workers' model from Ray's storage + the driver's strategy
-        state, published into the run directory; then evaluation starts on it."""
+        state, published into the run directory; then evaluation starts on it.
+
+        A segment already published (by this driver or an earlier attempt) whose Ray checkpoint
+        is gone is only announced again by restarted workers, which continued from the published
+        one (``worker._restore_point``): it is evaluated as published.
+        """
         prep = self.prepared[t]
         ray_ckpt = self.layout.ray_dir / self.ray_run_name / checkpoint_name
-        tmp = Path(tempfile.mkdtemp(prefix=f"streamssl-{segment_name(t)}-")) / "staging"
-        try:
-            if ray_ckpt.is_local:
-                shutil.copytree(ray_ckpt.path, tmp, ignore=shutil.ignore_patterns(ck.ENGINE_DIR))
-            else:
-                ray_ckpt.download_to(tmp)
-            if prep.driver_state.is_dir():  # strategies without driver plugins save nothing
-                shutil.copytree(prep.driver_state, tmp, dirs_exist_ok=True)
-            ck.publish_dir(tmp, self.layout.checkpoint(t))
-        finally:
-            shutil.rmtree(tmp.parent, ignore_errors=True)
+        if ck.is_segment_checkpoint(ray_ckpt) or not ck.is_segment_checkpoint(self.layout.checkpoint(t)):
+            tmp = Path(tempfile.mkdtemp(prefix=f"streamssl-{segment_name(t)}-")) / "staging"
+            try:
+                if ray_ckpt.is_local:
+                    shutil.copytree(ray_ckpt.path, tmp, ignore=shutil.ignore_patterns(ck.ENGINE_DIR))
+                else:
+                    ray_ckpt.download_to(tmp)
+                if prep.driver_state.is_dir():  # strategies without driver plugins save nothing
+                    shutil.copytree(prep.driver_state, tmp, dirs_exist_ok=True)
+                ck.publish_dir(tmp, self.layout.checkpoint(t))
+            finally:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
         if self.evaluation is not None:
             self.evals[t] = self.evaluation.evaluate(self.layout.checkpoint(t).uri, self.ctx.plan_meta, t, prep.parent)
 
@@ -551,7 +563,8 @@ class _SegmentsFit:
                                num_images=prep.own_rows.num_rows, num_replay_images=sum(prep.extra_rows.values()),
                                metrics=metrics, classes=[str(c) for c in seg_meta.get("classes", [])],
                                domains=[str(d) for d in seg_meta.get("domains", [])],
-                               step_metrics_file=(ckpt_dir / ck.STEPS_FILE).uri)
+                               step_metrics_file=(ckpt_dir / ck.STEPS_FILE).uri,
+                               resizes=list(meta.get("resizes", [])))
         if eval_out is not None:
             eval_metrics, acc_row, eval_s = eval_out
             metrics.update(eval_metrics)
@@ -571,7 +584,9 @@ class _SegmentsFit:
         print(f"segment {t + 1}/{ctx.num_segments} done in {metrics['time/segment_wall_s']:.0f}s (fit {fit_s:.0f}s): "
               f"{prep.own_rows.num_rows} images"
               + "".join(f" (+{n} {name} rows)" for name, n in prep.extra_rows.items() if n)
-              + f"{f' ({cfg.strategy}: {prep.train_rows} rows)' if prep.multi else ''}, {prep.phase.total_steps} steps; "
+              + f"{f' ({cfg.strategy}: {prep.train_rows} rows)' if prep.multi else ''}, {prep.phase.total_steps} steps"
+              + "".join(f" (workers {e['old_world_size']} -> {e['new_world_size']} at step {e['step']})"
+                        for e in result.resizes) + "; "
               + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                           if k.startswith(("train/loss", "eval/knn_acc", "eval/linear_acc")) and "seg" not in k),
               flush=True)
@@ -591,7 +606,11 @@ def ray_scaling_config(cfg: Config) -> Any:
     res: dict[str, float] = {**cfg.scaling.resources_per_worker, "CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         res["GPU"] = cfg.scaling.gpus_per_worker
-    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=res)
+    sc = cfg.scaling
+    if sc.elastic:
+        return ScalingConfig(num_workers=(sc.min_workers, sc.max_workers), use_gpu=sc.use_gpu,
+                             resources_per_worker=res, elastic_resize_monitor_interval_s=sc.elastic_resize_interval_s)
+    return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=res)
 
 
 def ray_torch_config(cfg: Config) -> Any:
@@ -606,7 +625,7 @@ def ray_torch_config(cfg: Config) -> Any:
 
 def gpu_plan(cfg: Config) -> tuple[float, float]:
     """(GPUs the training workers reserve, GPUs the evaluation actor reserves) for the whole stream."""
-    train = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
+    train = cfg.scaling.max_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0
     return train, (cfg.eval.num_gpus if cfg.eval.enabled else 0.0)
 
 
@@ -631,7 +650,7 @@ def resource_plan_warning(cfg: Config, cluster_gpus: float) -> str | None:
     train, evaluation = gpu_plan(cfg)
     if evaluation <= 0:
         return None
-    shares = [cfg.scaling.gpus_per_worker] * cfg.scaling.num_workers if cfg.scaling.use_gpu else []
+    shares = [cfg.scaling.gpus_per_worker] * cfg.scaling.max_workers if cfg.scaling.use_gpu else []
     need = gpus_needed([*shares, evaluation])
     if need <= cluster_gpus + 1e-9:
         return None

@@ -21,7 +21,9 @@ class Phase:
     ``"fresh"``, the initialization segment 0 had; ``"checkpoint"``, ``init_checkpoint`` (a
     published segment checkpoint, path or URI). ``dataset`` names the Ray dataset of the
     segment's own rows; ``extras`` maps each extra source (replay) to its Ray dataset and its
-    rows per micro-batch, beside ``own_per_batch`` rows of the segment's own.
+    rows per micro-batch, beside ``own_per_batch`` rows of the segment's own. Row counts are per
+    worker of a full-size group; an elastic group (``elastic_range`` = (min, max) workers) has
+    each of its ranks take ``rows * max / world`` of them (:mod:`streamssl.train.elastic`).
     """
 
     segment: int
@@ -31,6 +33,7 @@ class Phase:
     start: Start
     extras: dict[str, tuple[str, int]] = field(default_factory=dict)
     init_checkpoint: str | None = None
+    elastic_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.start not in ("previous", "fresh", "checkpoint"):

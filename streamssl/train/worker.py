@@ -54,8 +54,10 @@ from streamssl.config import Config
 from streamssl.continual.context import OWN_ROWS, SegmentContext, StepContext
 from streamssl.devices import compute_device
 from streamssl.run import checkpoint as ck
-from streamssl.run.layout import segment_name
+from streamssl.run.layout import RunLayout, segment_name
+from streamssl.train import elastic
 from streamssl.train.deepspeed_config import deepspeed_config
+from streamssl.train.seeds import AUGMENT_TAG, SHUFFLE_TAG, derive_seed
 from streamssl.ssl import model_init_seed
 from streamssl.ssl.base import SSLMethod, StepClock, StepOutput, match_norm_buffers_to_weights
 from streamssl.train.initialization import apply_bn_only, load_initial_weights
@@ -104,19 +106,10 @@ def build_optimizer(params: list[nn.Parameter], cfg: Config) -> torch.optim.Opti
 # --------------------------------------------------------------------------- data
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (negative ones allowed), stable across runs and hosts."""
-    words = [int(p) % (1 << 64) for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
-
-
-# Tags keep the seed families apart: the same (seed, segment, rank) never feeds two streams.
-_SHUFFLE_TAG, _AUGMENT_TAG = 0x5348, 0x4147
-
-
 def shuffle_seed(seed: int, segment: int, rank: int) -> int:
-    """Seed of a worker's in-segment shuffle buffer (see :func:`_batches`)."""
-    return derive_seed(_SHUFFLE_TAG, seed, segment, rank)
+    """Seed of a worker's in-segment shuffle buffer (see :func:`_batches`); an elastic group's
+    ranks all shuffle the whole segment alike (rank -1, see :mod:`streamssl.train.elastic`)."""
+    return derive_seed(SHUFFLE_TAG, seed, segment, rank)
 
 
 def augment_seed(seed: int, segment: int, rank: int, start_step: int) -> int:
@@ -126,7 +119,7 @@ def augment_seed(seed: int, segment: int, rank: int, start_step: int) -> int:
     worker the same transform); ``start_step`` > 0 (restored after a failure) starts a new
     stream instead of replaying the augmentations of steps already trained on.
     """
-    return derive_seed(_AUGMENT_TAG, seed, segment, rank, start_step)
+    return derive_seed(AUGMENT_TAG, seed, segment, rank, start_step)
 
 
 def augment_generator(seed: int, segment: int, rank: int, start_step: int,
@@ -311,6 +304,16 @@ class _Fit:
     last_state: dict[str, torch.Tensor] | None = None  # weights the last finished segment left
     steps_done: int = 0  # optimizer steps of the stream up to the last finished segment
     opened: dict[int, "_PhaseBatches"] = field(default_factory=dict)  # segment -> batches opened ahead
+    # A resize found at a segment boundary (restored from a final checkpoint of another world
+    # size): recorded by the segment that starts next.
+    pending_resize: dict[str, int] | None = None
+    run_dir: str | None = None  # where the driver publishes segment checkpoints (see _restore_point)
+
+    def rows_here(self, phase: Phase, rows_per_worker: int) -> int:
+        """This rank's rows of a source planned at ``rows_per_worker`` per worker of a full group."""
+        if phase.elastic_range is None:
+            return rows_per_worker
+        return elastic.rows_per_rank(rows_per_worker, phase.elastic_range[1], self.world)
 
 
 @dataclass
@@ -336,6 +339,7 @@ class _SegmentWork:
     restarts: int = 0  # times this segment was restored from an in-segment checkpoint (node or worker lost)
     preemption_checkpoints: int = 0  # in-segment checkpoints written on a preemption notice
     preemption_seen: int = 0  # of those, written before this attempt (a restart may get a new notice)
+    resizes: list[dict[str, int]] = field(default_factory=list)  # elastic group size changes in this segment
     step_images: int = 0  # rows of this attempt's steps, all workers (for throughput)
     train_time_s: float = 0.0
     data_wait_s: float = 0.0  # of train_time_s, waiting for batches (this rank)
@@ -358,7 +362,8 @@ class _SegmentWork:
 
     @property
     def own_per_batch(self) -> int:
-        return self.phase.own_per_batch
+        """This rank's own rows per micro-batch (an elastic group's share at its current size)."""
+        return self.fit.rows_here(self.phase, self.phase.own_per_batch)
 
     @property
     def rank(self) -> int:
@@ -366,7 +371,7 @@ class _SegmentWork:
 
     @property
     def micro_batch(self) -> int:
-        return self.phase.micro_batch
+        return self.own_per_batch + sum(self.fit.rows_here(self.phase, n) for _, n in self.phase.extras.values())
 
     def clock(self, step: int) -> StepClock:
         return StepClock(self.segment, step, self.total_steps, self.steps_before + step)
@@ -375,31 +380,53 @@ class _SegmentWork:
         """Which rows of a mixed batch came from where: own rows first, then each extra source."""
         rows, start = {OWN_ROWS: slice(0, self.own_per_batch)}, self.own_per_batch
         for name, (_, n) in self.phase.extras.items():
+            n = self.fit.rows_here(self.phase, n)
             if n:
                 rows[name], start = slice(start, start + n), start + n
         return rows
 
 
 class _Views:
-    """The views a method declares (``view_specs``) of a uint8 batch on the worker's device, from
-    this rank's generator: one augmentation per view, each with its crop size and scale."""
+    """The views a method declares (``view_specs``) of a uint8 batch on the worker's device: one
+    augmentation per view, each with its crop size and scale.
+
+    A fixed-size group draws them from this rank's generator. An elastic group (``positional``:
+    per source of the micro-batch, this rank's rows and the chunk size) draws each chunk's from
+    a generator seeded by the chunk's global position (:mod:`streamssl.train.elastic`), so a row's
+    views do not depend on the rank or the group size.
+    """
 
     def __init__(self, cfg: Config, method: SSLMethod, segment: int, rank: int, start_step: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype,
+                 positional: list[tuple[int, int]] | None = None) -> None:
         from streamssl.ssl import build_augment
 
         self.augments = [build_augment(cfg.ssl.augment, cfg.data.image_size, cfg.data.channels, spec).to(device)
                          for spec in method.view_specs]
         self.generator = augment_generator(cfg.seed, segment, rank, start_step, device)
         self.device, self.dtype = device, dtype
+        self.seed, self.segment, self.rank, self.positional = cfg.seed, segment, rank, positional
 
     def to_device(self, imgs: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(imgs, torch.Tensor):  # decoded on the worker (data.decode: worker)
             return imgs.to(self.device, non_blocking=True)
         return torch.from_numpy(imgs).to(self.device, non_blocking=True)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(aug(x, generator=self.generator).to(self.dtype) for aug in self.augments)
+    def __call__(self, x: torch.Tensor, micro_step: int = 0, own_only: bool = False) -> tuple[torch.Tensor, ...]:
+        """Views of ``x``; ``micro_step`` (the global micro-batch's index in the segment's own
+        rows) seeds positional views; ``own_only``: ``x`` holds own rows only (importance pass)."""
+        if self.positional is None:
+            return tuple(aug(x, generator=self.generator).to(self.dtype) for aug in self.augments)
+        parts: list[list[torch.Tensor]] = [[] for _ in self.augments]
+        start = 0
+        for source, (rows, chunk) in enumerate(self.positional[:1] if own_only else self.positional):
+            for j, k in enumerate(elastic.chunk_starts(rows, chunk, self.rank)):
+                xs = x[start + j * chunk: start + (j + 1) * chunk]
+                self.generator.manual_seed(elastic.chunk_seed(self.seed, self.segment, micro_step, source, k))
+                for v, aug in enumerate(self.augments):
+                    parts[v].append(aug(xs, generator=self.generator))
+            start += rows
+        return tuple(torch.cat(p).to(self.dtype) for p in parts)
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -414,8 +441,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     Train restarts the group with the latest reported checkpoint, and the loop continues there
     (:func:`_restore_point`).
     """
+    import ray.train
+
     fit = _start_fit(loop_cfg)
-    first, restored = _restore_point(fit)
+    first, restored = _restore_point(fit, ray.train.get_checkpoint())
     if first < len(fit.phases):  # its pipeline starts while the model and engine are set up
         _open_ahead(fit, fit.phases[first], restored["meta"]["step"] if restored else 0)
     for i, phase in enumerate(fit.phases):
@@ -451,24 +480,34 @@ def _start_fit(loop_cfg: dict[str, Any]) -> _Fit:
         torch.cuda.set_device(device)
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else torch.float32
     return _Fit(cfg=cfg, phases=list(loop_cfg["phases"]), rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                device=device, dtype=dtype, strategy=build_strategy(cfg), channel=loop_cfg["channel"])
+                device=device, dtype=dtype, strategy=build_strategy(cfg), channel=loop_cfg["channel"],
+                run_dir=loop_cfg.get("run_dir"))
 
 
-def _restore_point(fit: _Fit) -> tuple[int, dict[str, Any] | None]:
+def _restore_point(fit: _Fit, restored: Any) -> tuple[int, dict[str, Any] | None]:
     """(index of the first phase to run, what to restore it from).
 
-    Fresh start: (0, None). After a failure, Ray Train hands back the latest reported checkpoint:
-    a segment's final checkpoint means that segment is done (it is announced again, in case the
-    failure hit before the driver heard of it) and the next one starts from its weights; an
-    in-segment checkpoint means that segment continues from it.
-    """
-    import ray.train
+    Fresh start: (0, None). After a failure, Ray Train hands back the latest checkpoint its
+    controller has *registered*: a segment's final checkpoint means that segment is done (it is
+    announced again, in case the failure hit before the driver heard of it) and the next one
+    starts from its weights; an in-segment checkpoint means that segment continues from it.
 
-    restored = ray.train.get_checkpoint()
+    The driver may already have published a later segment than that: a worker's report reaches
+    the controller some time after the worker goes on, so a node lost just after a segment's end
+    can leave the controller with an older checkpoint (or none) than the run directory holds.
+    The published checkpoints are the stream's record, so the run continues after the last of
+    them (:func:`_published_through`) and never trains a published segment again, which would
+    fork the chain of weights from what was published and evaluated.
+
+    ``restored``: what ``ray.train.get_checkpoint()`` returned (a ``ray.train.Checkpoint`` or None).
+    """
+    published = _published_through(fit)
     if restored is None:
-        return 0, None
+        return _after_published(fit, *published) if published else (0, None)
     with restored.as_directory() as d:
         meta = ck.read_meta(d)
+        if published and meta["segment"] <= fit.phases[published[0]].segment:
+            return _after_published(fit, *published)
         state = ck.load_strategy_state(d)
         model = ck.load_model_state(d)
         engine_dir = None
@@ -489,8 +528,42 @@ def _restore_point(fit: _Fit) -> tuple[int, dict[str, Any] | None]:
                              "metrics": meta.get("metrics", {})})
         fit.last_state = model
         fit.steps_done = int(meta.get("steps_before", 0)) + int(meta["step"])
+        fit.pending_resize = elastic.resize_event(meta["segment"] + 1, 0, meta.get("world"), fit.world)
         return index + 1, None
     return index, {"meta": meta, "model": model, "engine_dir": engine_dir}
+
+
+def _published_through(fit: _Fit) -> tuple[int, Any] | None:
+    """(phase index, checkpoint location) of the last of this run's segments, counted from its
+    first, whose checkpoint is published in the run directory; None when the first is not."""
+    if not fit.run_dir:
+        return None
+    layout, last = RunLayout(fit.run_dir), None
+    for i, phase in enumerate(fit.phases):
+        loc = layout.checkpoint(phase.segment)
+        if not ck.is_segment_checkpoint(loc):
+            break
+        last = (i, loc)
+    return last
+
+
+def _after_published(fit: _Fit, index: int, loc: Any) -> tuple[int, None]:
+    """Continue after the published checkpoint of phase ``index``: its weights and strategy
+    state, as if this worker had just finished it; announced again like a restored final one."""
+    meta = ck.read_meta(loc)
+    state = ck.load_strategy_state(loc)
+    if state is not None:
+        fit.strategy.load_worker_state(state)
+    fit.last_state = ck.load_model_state(loc)
+    fit.steps_done = int(meta.get("steps_before", 0)) + int(meta["step"])
+    segment = fit.phases[index].segment
+    fit.pending_resize = elastic.resize_event(segment + 1, 0, meta.get("world"), fit.world)
+    if fit.rank == 0:
+        fit.channel.put({"kind": "end", "segment": segment, "metrics": meta.get("metrics", {}),
+                         "checkpoint": checkpoint_dir_name(segment, int(meta["step"]), final=True)})
+        print(f"[segment {segment}] rank 0: published by the driver before this restart; "
+              f"continuing from its checkpoint", flush=True)
+    return index + 1, None
 
 
 def _model_with(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -554,7 +627,8 @@ def _set_up(fit: _Fit, phase: Phase, restored: dict[str, Any] | None) -> _Segmen
         world=fit.world, seed=cfg.seed,
         previous_model={k: v.detach().clone() for k, v in model.state_dict().items()} if continues else None))
     trained = TrainedModules(model, fit.strategy.trainable_modules())
-    engine, sched = _build_engine(trained, cfg, phase.total_steps, phase.micro_batch)
+    micro_batch = sum(fit.rows_here(phase, n) for n in (phase.own_per_batch, *(n for _, n in phase.extras.values())))
+    engine, sched = _build_engine(trained, cfg, phase.total_steps, micro_batch)
     match_norm_buffers_to_weights(engine.module)  # bf16: the engine cast BN weights but not their stats
     work = _SegmentWork(fit=fit, phase=phase, steps_before=steps_before,
                         engine=engine, module=engine.module.method, sched=sched,
@@ -568,6 +642,17 @@ def _set_up(fit: _Fit, phase: Phase, restored: dict[str, Any] | None) -> _Segmen
         work.restored_skipped = meta.get("skipped_images", 0)
         work.restarts = int(meta.get("restarts", 0)) + 1
         work.preemption_checkpoints = work.preemption_seen = int(meta.get("preemption_checkpoints", 0))
+        work.resizes = list(meta.get("resizes", []))
+        resize = elastic.resize_event(segment, meta["step"], meta.get("world"), fit.world)
+    else:
+        resize, fit.pending_resize = fit.pending_resize, None
+        if resize is not None and resize["segment"] != segment:
+            resize = None
+    if resize is not None:
+        work.resizes.append(resize)
+        if fit.rank == 0:
+            print(f"[segment {segment}] rank 0: worker group resized {resize['old_world_size']} -> "
+                  f"{resize['new_world_size']} at step {resize['step']}; global batch unchanged", flush=True)
     work.setup_s = time.perf_counter() - t0
     return work
 
@@ -608,9 +693,21 @@ def _phase_batches(fit: _Fit, phase: Phase, start_step: int) -> _PhaseBatches:
 
     cfg, segment = fit.cfg, phase.segment
     skip = start_step * cfg.optim.grad_accum_steps
-    train = _batches(ray.train.get_dataset_shard(phase.dataset), phase.own_per_batch, skip=skip,
-                     shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, fit.rank))
-    extras = [_batches(ray.train.get_dataset_shard(ds), n, skip=skip) for ds, n in phase.extras.values() if n]
+    shard = ray.train.get_dataset_shard
+    if phase.elastic_range is not None:
+        # Whole datasets on every rank: global micro-batches, this rank's slice of each; the skip
+        # counts global micro-batches, so it lands on the same rows at any group size.
+        planned = phase.elastic_range[1]
+        train = elastic.rank_batches(
+            _batches(shard(phase.dataset), phase.own_per_batch * planned, skip=skip,
+                     shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, -1)),
+            fit.rank, fit.world)
+        extras = [elastic.rank_batches(_batches(shard(ds), n * planned, skip=skip), fit.rank, fit.world)
+                  for ds, n in phase.extras.values() if n]
+    else:
+        train = _batches(shard(phase.dataset), phase.own_per_batch, skip=skip,
+                         shuffle_buffer=cfg.data.shuffle_buffer, seed=shuffle_seed(cfg.seed, segment, fit.rank))
+        extras = [_batches(shard(ds), n, skip=skip) for ds, n in phase.extras.values() if n]
     return _PhaseBatches(FirstBatchAhead(train), [FirstBatchAhead(it) for it in extras])
 
 
@@ -627,8 +724,14 @@ def _open_data(work: _SegmentWork) -> None:
     The augmentation generator is seeded with ``start_step`` so a restart draws new views rather
     than replaying old ones.
     """
-    fit = work.fit
-    work.views = _Views(work.cfg, work.module, work.segment, fit.rank, work.start_step, fit.device, fit.dtype)
+    fit, phase = work.fit, work.phase
+    positional = None
+    if phase.elastic_range is not None:
+        lo, hi = phase.elastic_range
+        sources = [phase.own_per_batch, *(n for _, n in phase.extras.values() if n)]
+        positional = [(fit.rows_here(phase, n), elastic.chunk_rows(n * hi, lo, hi)) for n in sources]
+    work.views = _Views(work.cfg, work.module, work.segment, fit.rank, work.start_step, fit.device, fit.dtype,
+                        positional)
     batches = fit.opened.pop(work.segment)
     decode = None
     if work.cfg.data.decode == "worker":
@@ -722,12 +825,14 @@ def _optimizer_step(work: _SegmentWork, step: int) -> tuple[StepOutput, dict[str
     strategy = work.fit.strategy
     out: StepOutput | None = None
     terms: dict[str, torch.Tensor] = {}
-    for _ in range(work.cfg.optim.grad_accum_steps):
+    accum = work.cfg.optim.grad_accum_steps
+    for micro in range(accum):
         t_data = time.perf_counter()
         imgs = work.data.mixed()
         work.data_wait_s += time.perf_counter() - t_data
         x = work.views.to_device(imgs)
-        ctx = StepContext(clock=work.clock(step), views=list(work.views(x)), rows=work.row_sources(),
+        ctx = StepContext(clock=work.clock(step), views=list(work.views(x, step * accum + micro)),
+                          rows=work.row_sources(),
                           model=work.module, rank=work.rank, world=work.fit.world, seed=work.cfg.seed)
         strategy.before_step(ctx)
         out = ctx.output = work.engine(*ctx.views)
@@ -773,6 +878,8 @@ def _finish(work: _SegmentWork) -> None:
         "train/skipped_images": work.data.skipped,
         "train/restarts": work.restarts,
         "train/preemption_checkpoints": work.preemption_checkpoints,
+        "train/world_size": world,  # at the segment's end
+        "train/resizes": len(work.resizes),
         "time/setup_s": work.setup_s,
         "time/train_loop_s": work.train_time_s,
         "time/data_wait_s": work.data_wait_s,
@@ -807,8 +914,10 @@ def _after_segment(work: _SegmentWork) -> tuple[int, float]:
     imp_rows = [0]
 
     def imp_views() -> Iterator[tuple[torch.Tensor, ...]]:
-        for imgs in importance_images(work.data, imp_batches, imp_rows):
-            yield views(views.to_device(imgs))
+        # own rows continue after the training steps' (micro-batch positions from there on)
+        first = work.total_steps * work.cfg.optim.grad_accum_steps
+        for k, imgs in enumerate(importance_images(work.data, imp_batches, imp_rows)):
+            yield views(views.to_device(imgs), first + k, own_only=True)
 
     def loss_fn(*v: torch.Tensor) -> torch.Tensor:
         return module(*v)["loss"]
@@ -853,7 +962,7 @@ def _report_checkpoint(work: _SegmentWork, step: int, *, final: bool, extra: dic
                 for rec in work.steps_log:
                     f.write(json.dumps(rec) + "\n")
             meta = {"step": step, "images_seen": work.images_seen, "skipped_images": work.data.skipped,
-                    "final": final, **extra}
+                    "final": final, "world": work.fit.world, "resizes": work.resizes, **extra}
             ck.write_meta(d, meta)
         has_files = any(Path(d).iterdir())
         checkpoint = ray.train.Checkpoint.from_directory(d) if has_files else None

@@ -224,13 +224,13 @@ def _check_fits(cfg: Config) -> None:
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    per_trial = cfg.tune.cpus_per_trial_driver + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    per_trial = cfg.tune.cpus_per_trial_driver + cfg.scaling.max_workers * cfg.scaling.cpus_per_worker
     concurrent = min(cfg.tune.max_concurrent_trials, _num_trials(cfg))
     need = concurrent * per_trial + 1.0  # Ray Data's tasks ask for 1 CPU each
     if total and need > total + 1e-9:
         print(f"streamssl tune: warning: {concurrent} concurrent "
               f"trial(s) x (tune.cpus_per_trial_driver {cfg.tune.cpus_per_trial_driver} + "
-              f"{cfg.scaling.num_workers} workers x scaling.cpus_per_worker {cfg.scaling.cpus_per_worker}) "
+              f"{cfg.scaling.max_workers} workers x scaling.cpus_per_worker {cfg.scaling.cpus_per_worker}) "
               f"+ 1 CPU for Ray Data = {need:g} CPUs, but the cluster has {total:g}: trials may wait "
               "forever; lower tune.max_concurrent_trials or the CPU requests", file=sys.stderr, flush=True)
 
