@@ -244,6 +244,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     if spec.tuning is not None:
         tuned = run_tuning(spec.tuning, sweeps, sdir, tracking_uri)
         cells = apply_tuned(cells, tuned["applied"])
+        console.init_ray(base.scaling.ray_address, sdir / "logs")  # each sweep logged into its own directory
     write_json_atomic(cells_file, [_cell_to_dict(c) for c in cells])
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}

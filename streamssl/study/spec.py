@@ -336,6 +336,7 @@ def expand_tuning(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -
                 cell = _cell(spec, base, overrides, protocol, strategy, seed, label=label)
                 cfg = apply_overrides(cell.config, [])
                 cfg["tune"] = tune
+                cfg["eval"]["random_init_baseline"] = False  # the study's reference cells evaluate those
                 cfg["name"] = f"{spec.name}-tune-{protocol}-{strategy.replace('+', '_')}-s{seed}"
                 for key, values in search.grid.items():
                     for value in values:
