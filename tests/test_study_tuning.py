@@ -188,6 +188,19 @@ def test_tuning_tables_list_every_value_and_the_choice(tmp_path):
     assert "- mas: regularization.lambda=10.0" in md
 
 
+def test_a_finished_stage_is_read_back_and_a_changed_one_refused(tmp_path):
+    from streamssl.study.tuning import run_tuning
+
+    spec, _ = load_study(_write(tmp_path, _study(tuning=_tuning())))
+    record = {"tuning": spec.tuning.model_dump(), "applied": {"mas": {"regularization.lambda": 10.0}}}
+    (tmp_path / "tuning.json").write_text(json.dumps(record))
+    # no sweep to run (none given): the record answers
+    assert run_tuning(spec.tuning, [], tmp_path, None)["applied"] == record["applied"]
+    changed, _ = load_study(_write(tmp_path, _study(tuning=_tuning(seeds=[5]))))
+    with pytest.raises(ValueError, match="another `tuning` section"):
+        run_tuning(changed.tuning, [], tmp_path, None)
+
+
 # --------------------------------------------------------------------------- joint at the end
 
 

@@ -67,10 +67,6 @@ REFERENCES = (RANDOM_INIT, RAW_PIXELS)  # baselines evaluated, never trained
 PROTOCOLS = ("instance", "class_random", "class_distant", "domain", "time")
 
 
-#: The tuning stage's schedulers: ``fifo`` runs every trial to the end; ``asha`` stops weak ones.
-TUNING_SCHEDULERS = ("fifo", "asha")
-
-
 class JointSpec(BaseModel):
     """How the joint baseline trains: along the stream (a fresh model after every segment) for
     ``along_stream_seeds`` (None: every seed), once at the end for the protocol's other seeds."""
@@ -109,7 +105,7 @@ class TuningSpec(BaseModel):
     # Selection reads the validation split, never the test split the table reports.
     metric: str = "eval/val_knn_acc"
     mode: Literal["max", "min"] = "max"
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    scheduler: Literal["fifo", "asha"] = "fifo"  # fifo: every trial to the end; asha: stops weak ones
     grace_period: int = Field(2, ge=1)  # asha: segments every trial runs before it can be stopped
     max_concurrent_trials: int = Field(1, ge=1)
 
