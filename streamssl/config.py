@@ -68,6 +68,9 @@ class StreamConfig(_Section):
     grouping_file: str | None = None  # class_distant: user-given class groups (YAML/JSON)
     window: str | None = None  # time: cut by window length (e.g. "7d") instead of K segments
     max_images_per_segment: int | None = Field(None, ge=1)  # cap for quick runs and tests
+    # Train the plan's segments (each capped as above) as one segment: a joint baseline trained
+    # once at the end, not after every segment (see data/segments.py merged_plan).
+    merge_segments: bool = False
 
 
 class SSLConfig(_Section):

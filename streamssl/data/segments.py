@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamssl.data import layout
-from streamssl.data.plan import load_plan, shard_grouped_order
+from streamssl.data.plan import load_plan, plan_digest, shard_grouped_order
 
 if TYPE_CHECKING:
     import ray.data
@@ -367,3 +367,34 @@ def _dataset(dataset_dir: str, located: pa.Table, image_size: int, channels: int
 def _read_tasks_fn(batch: pa.Table, dataset_dir: str) -> pa.Table:
     return pa.concat_tables([read_task(dataset_dir, t) for t in batch.to_pylist()])
 
+
+
+def merged_plan(dataset_dir: str, plan: pa.Table, meta: dict[str, Any], *, cap: int | None,
+                shuffle_seed: int) -> tuple[pa.Table, dict[str, Any]]:
+    """The plan's segments as one segment: joint training once, on everything the stream holds.
+
+    The union holds exactly the rows a joint run trains on at its last segment (each segment's
+    first ``cap`` rows in plan order), re-ordered with the same seeded shard-grouped shuffle
+    :func:`read_segments` gives a union, so the segments mix in every epoch. The meta says one
+    segment whose classes / labels / domains are the union's, and ``merged_segments`` how many it
+    came from; the plan on disk is not changed.
+    """
+    k = int(meta.get("num_segments") or len(set(plan["segment"].to_pylist())))
+    parts = []
+    for s in range(k):
+        rows = plan.filter(pc.equal(plan["segment"], s)).sort_by("position")
+        parts.append(rows.slice(0, cap) if cap else rows)
+    union = pa.concat_tables(parts)
+    located = locate(dataset_dir, union.select(["image_id", "segment"]))
+    order = shard_grouped_order(np.asarray(located["shard"].to_pylist(), dtype=object), located["row"].to_numpy(),
+                                np.random.default_rng([int(shuffle_seed), 3]))
+    ids = union["image_id"].take(pa.array(order))
+    merged = pa.table({"image_id": ids, "segment": pa.array(np.zeros(len(ids), np.int32)),
+                       "position": pa.array(np.arange(len(ids), dtype=np.int64))}, schema=plan.schema)
+    one: dict[str, Any] = {"segment": 0, "count": merged.num_rows}
+    for key in ("classes", "labels", "domains"):
+        values = [v for s in meta.get("segments", []) for v in (s.get(key) or [])]
+        if values:
+            one[key] = list(dict.fromkeys(values))
+    out = {**meta, "num_segments": 1, "segments": [one], "merged_segments": k, "digest": plan_digest(merged)}
+    return merged, out

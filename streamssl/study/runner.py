@@ -13,8 +13,12 @@ Resume: Tune keeps finished trials and runs the rest; a trial whose stream had a
 (``results.json`` present) only reports it again, and an interrupted stream continues from its
 last completed segment. No finished segment or cell is ever trained twice.
 
+With a ``tuning`` section, the tuning stage (:mod:`streamssl.study.tuning`) runs first and the
+cells run with its chosen values; a resumed study reads a finished stage back.
+
 Outputs in ``--out DIR``: ``study.csv``, ``study.md``, the figures of
-:mod:`streamssl.study.plots`, ``cells.json`` (the expanded grid), ``study_summary.json``.
+:mod:`streamssl.study.plots`, ``cells.json`` (the expanded grid, with the tuned values),
+``study_summary.json``; with tuning also ``tuning.md``, ``tuning.csv``, ``tuning.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from streamssl.config import Config, config_from_dict
-from streamssl.study.spec import JOINT, RANDOM_INIT, REFERENCES, Cell, cell_config, load_study
+from streamssl.study.spec import (JOINT, RANDOM_INIT, REFERENCES, Cell, apply_tuned, cell_config, load_study,
+                                  load_tuning)
 from streamssl.study.table import CellOutcome, aggregate, markdown, read_outcome, write_csv
 
 def _cell_to_dict(c: Cell) -> dict[str, Any]:
@@ -156,14 +161,42 @@ def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, c
         add_cka_to_joint(cells, outcomes)
     rows = aggregate(outcomes)
     write_csv(rows, sdir / "study.csv")
-    (sdir / "study.md").write_text(markdown(rows, title=spec_name))
+    tuned = _tuned_values(sdir)
+    (sdir / "study.md").write_text(markdown(rows, title=spec_name) + _setup_notes(cells, tuned))
     plots = render_study_plots(rows, outcomes, sdir)
     missing = sorted(c.id for c in cells if not any(
         (o.protocol, o.strategy, o.seed) == (c.protocol, c.strategy, c.seed) for o in outcomes))
     summary = {"study": spec_name, "study_dir": str(sdir), "cells": len(cells), "finished": len(outcomes),
                "unfinished": missing, "rows": rows, "plots": [str(p) for p in plots]}
+    if tuned is not None:
+        summary["tuned"] = tuned
     write_json_atomic(sdir / "study_summary.json", summary)
     return summary
+
+
+def _tuned_values(study_dir: Path) -> dict[str, dict[str, Any]] | None:
+    """Strategy -> the tuned values its cells ran with (``tuning.json``), None without a tuning stage."""
+    from streamssl.run.jsonio import read_json
+    from streamssl.study.tuning import TUNING_FILE
+
+    f = study_dir / TUNING_FILE
+    return read_json(f)["applied"] if f.is_file() else None
+
+
+def _setup_notes(cells: list[Cell], tuned: dict[str, dict[str, Any]] | None) -> str:
+    """Lines under the table: the tuned values, and which joint seeds trained along the stream."""
+    lines = []
+    if tuned:
+        lines.append("Tuned on the validation split (tuning.md): " + "; ".join(
+            f"{s}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for s, values in tuned.items()) + ".")
+    joint = [c for c in cells if c.strategy == JOINT]
+    end_only = sorted({c.seed for c in joint if c.config.get("stream", {}).get("merge_segments")})
+    if end_only:
+        along = sorted({c.seed for c in joint if c.seed not in end_only})
+        lines.append(f"Joint: trained once on all segments for seed(s) {end_only}; along the stream (a fresh "
+                     f"model after every segment: its curve, forgetting and compute) for seed(s) {along or 'none'}. "
+                     "Its accuracy and the gaps use every joint seed's final encoder.")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
@@ -176,13 +209,17 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     from streamssl.tune.reporter import progress_board, tune_console
     from streamssl.tune.sweep import _absolute_paths, _close_stopped_streams, progress_metrics
 
+    from streamssl.study.tuning import TUNING_DIR, run_tuning
+
     spec, cells = load_study(path, overrides)
     cells = [Cell(c.protocol, c.strategy, c.seed, _absolute_paths(dict(c.config))) for c in cells]
+    sweeps = load_tuning(path, overrides)
     sdir = Path(out_dir).resolve()
     exp_path = sdir / "tune" / "study"
-    if resume and not tune.Tuner.can_restore(str(exp_path)):
+    comparison_started = tune.Tuner.can_restore(str(exp_path))
+    if resume and not (comparison_started or (sdir / TUNING_DIR).is_dir()):
         raise FileNotFoundError(f"{exp_path}: no study to resume")
-    if not resume and exp_path.exists():
+    if not resume and (exp_path.exists() or (sdir / TUNING_DIR).exists()):
         raise FileExistsError(f"{sdir} already holds a study; continue it with --resume")
     sdir.mkdir(parents=True, exist_ok=True)
     cells_file = sdir / "cells.json"
@@ -190,8 +227,8 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
         before = {d["id"] for d in read_json(cells_file)}
         if before != {c.id for c in cells}:
             raise ValueError(f"{path} now expands to other cells than the study in {sdir}; start a new --out")
-    write_json_atomic(cells_file, [_cell_to_dict(c) for c in cells])
-    print(f"study directory: {sdir} ({len(cells)} cells)", flush=True)
+    print(f"study directory: {sdir} ({len(cells)} cells"
+          + (f", after a tuning stage of {len(sweeps)} sweep(s)" if sweeps else "") + ")", flush=True)
 
     base = Config.model_validate(cells[0].config)
     tracking_uri, study_run_id = None, None
@@ -204,6 +241,11 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     # In a CLI console session the cells' output goes to <out>/logs (-v: to the console).
     console.init_ray(base.scaling.ray_address, sdir / "logs")
     _prepare_datasets(cells)
+    if spec.tuning is not None:
+        tuned = run_tuning(spec.tuning, sweeps, sdir, tracking_uri)
+        cells = apply_tuned(cells, tuned["applied"])
+        console.init_ray(base.scaling.ray_address, sdir / "logs")  # each sweep logged into its own directory
+    write_json_atomic(cells_file, [_cell_to_dict(c) for c in cells])
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
     board = None if resume else progress_board()  # cells' in-segment progress for the trial table
@@ -213,7 +255,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     if console.quiet():  # what Tune prints of an errored cell's last result: these, not all ~60
         trainable._progress_metrics = progress_metrics(None)
     param_space = {"cell": tune.grid_search([c.id for c in cells])}
-    if resume:
+    if resume and comparison_started:
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
     else:

@@ -26,6 +26,21 @@ plan; the joint and random-init cells of a seed share the sequential cells' plan
     seeds: [0, 1, 2]
     seeds_per_protocol: {domain: [0]}              # fewer seeds where the budget demands it
     seeds_per_strategy: {replay: [0]}              # ... or for some strategies (baselines keep all)
+    joint: {along_stream_seeds: [0]}               # the other seeds train joint once, at the end
+    tuning:                                        # a sweep on the validation split first
+      protocols: [class_random]
+      seeds: [0]
+      search:
+        mas: {grid: {regularization.lambda: [0.1, 1, 10]}, apply_to: [mas, replay+mas]}
+
+``joint``: a joint cell trains a fresh model on segments 0..t after every segment t (the curve
+along the stream, T(T+1)/2 segment-trainings). Seeds outside ``joint.along_stream_seeds`` train it
+once, on the union of all segments (``stream.merge_segments``): the same final encoder (same rows,
+same initialization, same epochs over them) for T segments' worth of compute. The table's final
+comparison to joint uses every joint seed; the curve only the along-stream ones.
+
+``tuning``: see :mod:`streamssl.study.tuning`. The chosen values replace the grid's keys in the
+cells of every strategy in ``apply_to`` (default: the tuned strategy itself).
 
 Every cell's config is validated when the study is loaded, so a typo fails before any trial
 starts, with the cell and the field named.
@@ -39,7 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamssl.config import Config, ConfigError, apply_overrides, config_from_dict
 
@@ -50,6 +65,64 @@ RAW_PIXELS = "raw_pixels"  # the probes on the flattened pixels: no encoder, no 
 BASELINES = (JOINT, RANDOM_INIT, RAW_PIXELS)
 REFERENCES = (RANDOM_INIT, RAW_PIXELS)  # baselines evaluated, never trained
 PROTOCOLS = ("instance", "class_random", "class_distant", "domain", "time")
+
+
+class JointSpec(BaseModel):
+    """How the joint baseline trains: along the stream (a fresh model after every segment) for
+    ``along_stream_seeds`` (None: every seed), once at the end for the protocol's other seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    along_stream_seeds: list[int] | None = None
+
+
+class TuningSearch(BaseModel):
+    """One strategy's sweep: a grid over dotted config keys, and the strategies that take the
+    chosen values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grid: dict[str, list[Any]] = Field(min_length=1)
+    apply_to: list[str] | None = None  # None: the tuned strategy only
+
+    @field_validator("grid")
+    @classmethod
+    def _values(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, vals in v.items() if not vals]
+        if empty:
+            raise ValueError(f"give at least one value for {empty}")
+        return v
+
+
+class TuningSpec(BaseModel):
+    """The study's tuning stage (:mod:`streamssl.study.tuning`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocols: list[str] = Field(min_length=1)  # the sweeps' streams; the choice applies to every protocol
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    search: dict[str, TuningSearch] = Field(min_length=1)  # strategy -> its grid
+    # Selection reads the validation split, never the test split the table reports.
+    metric: str = "eval/val_knn_acc"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["fifo", "asha"] = "fifo"  # fifo: every trial to the end; asha: stops weak ones
+    grace_period: int = Field(2, ge=1)  # asha: segments every trial runs before it can be stopped
+    max_concurrent_trials: int = Field(1, ge=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _validation_metric(cls, v: str) -> str:
+        if not v.startswith("eval/val_"):
+            raise ValueError(f"{v!r} is not a validation-split metric; allowed: eval/val_knn_acc, eval/val_linear_acc "
+                             "(the test split is for the final table only)")
+        return v
+
+    @model_validator(mode="after")
+    def _grace(self) -> TuningSpec:
+        if self.scheduler == "asha" and self.grace_period < 2:
+            raise ValueError(f"tuning.grace_period: {self.grace_period} with scheduler asha would rank the trials on "
+                             "segment 0, where replay and MAS have not acted yet; use >= 2 (or scheduler: fifo)")
+        return self
 
 
 class StudySpec(BaseModel):
@@ -70,6 +143,8 @@ class StudySpec(BaseModel):
     baselines: list[Literal["joint", "random_init", "raw_pixels"]] = Field(default_factory=lambda: list(BASELINES))
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial_driver: float = Field(0.5, gt=0)
+    joint: JointSpec = Field(default_factory=JointSpec)
+    tuning: TuningSpec | None = None
 
     @field_validator("protocols")
     @classmethod
@@ -91,6 +166,42 @@ class StudySpec(BaseModel):
         if bad:
             raise ValueError(f"strategy names must be non-empty, without slashes or whitespace: {bad}")
         return {k: dict(o or {}) for k, o in v.items()}
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> StudySpec:
+        """The ``joint`` and ``tuning`` sections name protocols, strategies and seeds of the study."""
+        along = self.joint.along_stream_seeds
+        if along is not None:
+            if JOINT not in self.baselines:
+                raise ValueError("joint.along_stream_seeds: the study has no joint baseline (see `baselines`)")
+            all_seeds = {s for p in self.protocols for s in self.seeds_for(p)}
+            stray = sorted(set(along) - all_seeds)
+            if stray:
+                raise ValueError(f"joint.along_stream_seeds: {stray} are not seeds of this study ({sorted(all_seeds)})")
+        t = self.tuning
+        if t is None:
+            return self
+        unknown = sorted(set(t.protocols) - set(self.protocols))
+        if unknown:
+            raise ValueError(f"tuning.protocols: {unknown} are not protocols of this study; allowed values: "
+                             f"{', '.join(self.protocols)}")
+        for name, search in t.search.items():
+            if name not in self.strategies:
+                raise ValueError(f"tuning.search.{name}: not a strategy of this study; allowed values: "
+                                 f"{', '.join(self.strategies)}")
+            stray = sorted(set(search.apply_to or []) - set(self.strategies))
+            if stray:
+                raise ValueError(f"tuning.search.{name}.apply_to: {stray} are not strategies of this study; "
+                                 f"allowed values: {', '.join(self.strategies)}")
+        owner: dict[tuple[str, str], str] = {}
+        for name, search in t.search.items():
+            for target in search.apply_to or [name]:
+                for key in search.grid:
+                    if (target, key) in owner:
+                        raise ValueError(f"tuning.search.{name}: {key} of strategy {target} is also tuned by "
+                                         f"tuning.search.{owner[target, key]}; apply each key to a strategy once")
+                    owner[target, key] = name
+        return self
 
     def seeds_for(self, protocol: str, strategy: str | None = None) -> list[int]:
         seeds = list(self.seeds_per_protocol.get(protocol, self.seeds))
@@ -124,7 +235,21 @@ def _dotted(overrides: dict[str, Any]) -> list[str]:
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudySpec, list[Cell]]:
-    """Read a study file, apply command-line ``overrides`` to the base run config, expand the cells."""
+    """Read a study file, apply command-line ``overrides`` to the base run config, expand the cells
+    (and, to validate them before anything runs, the tuning stage's sweeps)."""
+    spec, base, spec_overrides = _read_study(path, overrides)
+    cells = expand_cells(spec, base, spec_overrides)
+    expand_tuning(spec, base, spec_overrides)
+    return spec, cells
+
+
+def load_tuning(path: str | Path, overrides: list[str] | None = None) -> list[Cell]:
+    """The tuning stage's sweeps of the study in ``path`` (empty without a ``tuning`` section)."""
+    spec, base, spec_overrides = _read_study(path, overrides)
+    return expand_tuning(spec, base, spec_overrides)
+
+
+def _read_study(path: str | Path, overrides: list[str] | None) -> tuple[StudySpec, dict[str, Any], list[str]]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"study file not found: {p}")
@@ -144,8 +269,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
         base = yaml.safe_load(base_path.read_text()) or {}
     else:
         base = dict(spec.base)
-    spec_overrides = [*spec.overrides, *(overrides or [])]
-    return spec, expand_cells(spec, base, spec_overrides)
+    return spec, base, [*spec.overrides, *(overrides or [])]
 
 
 def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> list[Cell]:
@@ -156,28 +280,82 @@ def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) ->
         raise ConfigError(f"seeds_per_strategy names {unknown}, which are not strategies of this study "
                           f"({', '.join(spec.strategies)})")
     cells: list[Cell] = []
-    for protocol, proto_over in spec.protocols.items():
+    for protocol in spec.protocols:
         for seed in spec.seeds_for(protocol):
             names = [*spec.strategies, *[b for b in BASELINES if b in spec.baselines]]
             for strategy in names:
                 if strategy in spec.strategies and seed not in spec.seeds_for(protocol, strategy):
                     continue
-                if strategy == JOINT:
-                    strat_over: dict[str, Any] = {"strategy": "joint", "replay.size": 0,
-                                                  "regularization.method": "none"}
-                elif strategy in REFERENCES:
-                    strat_over = {}
-                else:
-                    strat_over = spec.strategies[strategy]
-                dotted = [*overrides, f"stream.protocol={protocol}", *_dotted(proto_over), *_dotted(strat_over),
-                          f"seed={seed}", f"stream.seed={seed}",
-                          f"name={spec.name}-{protocol}-{strategy.replace('+', '_')}-s{seed}"]
-                try:
-                    cfg = config_from_dict(apply_overrides(base, []), dotted)
-                except ConfigError as e:
-                    raise ConfigError(f"study cell {protocol}/{strategy}/seed {seed}: {e}") from None
-                cells.append(Cell(protocol, strategy, seed, cfg.to_dict()))
+                cells.append(_cell(spec, base, overrides, protocol, strategy, seed))
     return cells
+
+
+def _cell(spec: StudySpec, base: dict[str, Any], overrides: list[str], protocol: str, strategy: str, seed: int,
+          extra: dict[str, Any] | None = None, label: str = "study cell") -> Cell:
+    """One cell's config: base, study overrides, protocol's, strategy's (+ ``extra``), then the seed."""
+    if strategy == JOINT:
+        strat_over: dict[str, Any] = {"strategy": "joint", "replay.size": 0, "regularization.method": "none"}
+        along = spec.joint.along_stream_seeds
+        if along is not None and seed not in along:
+            strat_over["stream.merge_segments"] = True  # joint once, at the end
+    elif strategy in REFERENCES:
+        strat_over = {}
+    else:
+        strat_over = spec.strategies[strategy]
+    dotted = [*overrides, f"stream.protocol={protocol}", *_dotted(spec.protocols[protocol]), *_dotted(strat_over),
+              *_dotted(extra or {}), f"seed={seed}", f"stream.seed={seed}",
+              f"name={spec.name}-{protocol}-{strategy.replace('+', '_')}-s{seed}"]
+    try:
+        cfg = config_from_dict(apply_overrides(base, []), dotted)
+    except ConfigError as e:
+        raise ConfigError(f"{label} {protocol}/{strategy}/seed {seed}: {e}") from None
+    return Cell(protocol, strategy, seed, cfg.to_dict())
+
+
+def expand_tuning(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> list[Cell]:
+    """The tuning stage's sweeps, one per tuned strategy x ``tuning.protocols`` x ``tuning.seeds``:
+    the strategy's cell config with a ``tune`` section that grids its keys (every value checked
+    against the config model here, so a bad one fails before any trial)."""
+    t = spec.tuning
+    if t is None:
+        return []
+    sweeps = []
+    for strategy, search in t.search.items():
+        for protocol in t.protocols:
+            for seed in t.seeds:
+                label = f"tuning sweep {protocol}/{strategy}/seed {seed}"
+                tune = {"search_space": {k: {"grid": list(v)} for k, v in search.grid.items()}, "search_alg": "grid",
+                        "num_samples": 1, "metric": t.metric, "mode": t.mode,
+                        "scheduler": "asha" if t.scheduler == "asha" else "none", "grace_period": t.grace_period,
+                        "max_concurrent_trials": t.max_concurrent_trials,
+                        "cpus_per_trial_driver": spec.cpus_per_trial_driver}
+                cell = _cell(spec, base, overrides, protocol, strategy, seed, label=label)
+                cfg = apply_overrides(cell.config, [])
+                cfg["tune"] = tune
+                cfg["eval"]["random_init_baseline"] = False  # the study's reference cells evaluate those
+                cfg["name"] = f"{spec.name}-tune-{protocol}-{strategy.replace('+', '_')}-s{seed}"
+                for key, values in search.grid.items():
+                    for value in values:
+                        try:
+                            config_from_dict(cfg, [f"{key}={json.dumps(value)}"])
+                        except ConfigError as e:
+                            raise ConfigError(f"tuning.search.{strategy}.grid.{key}: value {value!r}: {e}") from None
+                try:
+                    sweeps.append(Cell(protocol, strategy, seed, config_from_dict(cfg).to_dict()))
+                except ConfigError as e:
+                    raise ConfigError(f"{label}: {e}") from None
+    return sweeps
+
+
+def apply_tuned(cells: list[Cell], tuned: dict[str, dict[str, Any]]) -> list[Cell]:
+    """The cells with the tuning stage's chosen values (``tuned``: strategy -> dotted key -> value)."""
+    out = []
+    for c in cells:
+        values = tuned.get(c.strategy)
+        if values:
+            c = Cell(c.protocol, c.strategy, c.seed, config_from_dict(c.config, _dotted(values)).to_dict())
+        out.append(c)
+    return out
 
 
 def cell_config(cell: Cell, run_dir: str, tracking_uri: str | None) -> Config:

@@ -22,7 +22,10 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
 * ``images_processed``: images through forward + backward during training (all workers, replay
   rows and repeated epochs included; the MAS/EWC importance pass counted too), mean over seeds.
   Joint retrains from scratch on segments 0..t after every segment, so its count is what
-  "retrain on everything after every drop" costs, against sequential's one pass per drop.
+  "retrain on everything after every drop" costs, against sequential's one pass per drop. Joint
+  seeds trained once at the end (``joint.along_stream_seeds`` in the study) count here and in
+  ``wall_s`` only where no seed ran along the stream; their final encoder enters every other column, their (one-point)
+  curve and forgetting none.
 * ``wall_s``: the stream driver's wall time (training, start-up and evaluation), mean over seeds;
   for a reference row (random init, raw pixels), the one evaluation's time.
 * ``cka_to_joint``: linear CKA between the cell's final encoder and the joint final encoder of
@@ -69,6 +72,7 @@ class CellOutcome:
     wall_s: float = float("nan")
     cka_to_joint: float = float("nan")
     run_dir: str | None = None
+    along_stream: bool = True  # False: a joint cell trained once on all segments (no curve)
 
 
 def _f(x: Any) -> float:
@@ -104,9 +108,13 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
     for s in run.segments:
         train = s.metrics.get("compute/train_images", s.metrics.get("train/images_seen", 0.0))
         images += _f(train) + _f(s.metrics.get("compute/importance_images", 0.0))
+    along_stream = not (cell.config.get("stream") or {}).get("merge_segments")
+    if not along_stream:  # one segment holding every segment's rows: no curve, nothing to forget
+        forgetting, curve = {}, {}
     return CellOutcome(cell.protocol, cell.strategy, cell.seed,
                        final={k: _f(final.get(f"eval/{k}_acc")) for k in PROBES + TRANSFER}, forgetting=forgetting,
-                       curve=curve, images_processed=images, wall_s=run.wall_s, run_dir=str(d))
+                       curve=curve, images_processed=images, wall_s=run.wall_s, run_dir=str(d),
+                       along_stream=along_stream)
 
 
 @dataclass(frozen=True)
@@ -189,8 +197,9 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
         for p in ("linear", "knn"):
             row[f"gain_over_raw_pixels_{p}"] = (float("nan") if strategy in REFERENCES
                                                 else paired_gap(cells, RAW_PIXELS, p))
-        row["images_processed"] = _mean(o.images_processed for o in cells)
-        row["wall_s"] = _mean(o.wall_s for o in cells)
+        costed = [o for o in cells if o.along_stream] or cells  # joint: what the curve cost
+        row["images_processed"] = _mean(o.images_processed for o in costed)
+        row["wall_s"] = _mean(o.wall_s for o in costed)
         row["cka_to_joint"] = _mean(o.cka_to_joint for o in cells)
         rows.append(row)
     return rows

@@ -36,7 +36,7 @@ from streamssl.tracking.mlflow_store import (
 )
 from streamssl.tracking.run_file import SCHEMA_VERSION, RunFile
 
-STUDY_ARTIFACTS = ("study.md", "study.csv", "study_summary.json", "cells.json")
+STUDY_ARTIFACTS = ("study.md", "study.csv", "study_summary.json", "cells.json", "tuning.md", "tuning.csv", "tuning.json")
 
 
 def start_sweep_run(cfg: Config, sweep_dir: str, tracking_uri: str, *, kind: str = "sweep",

@@ -77,6 +77,8 @@ def ensure_plan(cfg: Config, run_dir: str | Path) -> tuple[pa.Table, dict[str, A
 
     On local disk the plan is built in a sibling directory and renamed into place; on an object
     store it is written in place, ``stream.json`` last (the plan exists once that file does).
+    With ``stream.merge_segments`` the run trains the plan's segments as one (returned merged;
+    the copy on disk keeps its segments).
     """
     from streamssl.data.plan import load_plan
     from streamssl.data.protocols import make_plan
@@ -90,7 +92,13 @@ def ensure_plan(cfg: Config, run_dir: str | Path) -> tuple[pa.Table, dict[str, A
                   val_fraction=cfg.data.val_fraction)
         if run.is_local:
             os.replace(tmp.path, plan_dir.path)
-    return load_plan(plan_dir.uri)
+    plan, meta = load_plan(plan_dir.uri)
+    if cfg.stream.merge_segments:  # the run trains the union as one segment; the plan on disk stays
+        from streamssl.data.segments import merged_plan
+
+        plan, meta = merged_plan(cfg.data.dataset_dir, plan, meta, cap=cfg.stream.max_images_per_segment,
+                                 shuffle_seed=cfg.seed * 7919 + int(meta["num_segments"]) - 1)
+    return plan, meta
 
 
 def segment_rows(plan: pa.Table, segments: Sequence[int], cap: int | None) -> pa.Table:
@@ -334,8 +342,9 @@ class _SegmentsFit:
                 start = "previous" if data.from_previous else "fresh"
             train_segments = list(data.train_segments)
             multi = train_segments != [t]  # joint / cumulative: segments 0..t
-            own_rows = segment_rows(plan, [t], cfg.stream.max_images_per_segment)
-            train_rows = segment_rows(plan, train_segments, cfg.stream.max_images_per_segment) if multi else own_rows
+            cap = None if cfg.stream.merge_segments else cfg.stream.max_images_per_segment  # merged: capped already
+            own_rows = segment_rows(plan, [t], cap)
+            train_rows = segment_rows(plan, train_segments, cap) if multi else own_rows
             try:
                 bp = batch_plan(cfg, train_rows.num_rows, data.extras)
             except ValueError as e:
@@ -346,7 +355,7 @@ class _SegmentsFit:
                                                plan.filter(pc.is_in(plan["image_id"], train_rows["image_id"])),
                                                train_segments, image_size=size, channels=channels,
                                                shuffle_seed=cfg.seed * 7919 + t, decode=decode)
-            elif cfg.stream.max_images_per_segment:
+            elif cap:
                 datasets[name] = read_rows(cfg.data.dataset_dir, train_rows, image_size=size, channels=channels,
                                            decode=decode)
             else:
