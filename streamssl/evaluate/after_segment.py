@@ -52,13 +52,21 @@ def probe_sets(cfg: Config) -> tuple[pa.Table, pa.Table, pa.Table]:
     """(train subsample, eval split, validation split) id tables, from one read of the index; the
     same for every segment, seed and strategy.
 
-    The train subsample never contains validation images (``data.val_fraction``), so the
+    With ``data.classes`` all three hold images of those classes only. The train subsample
+    never contains validation images (``data.val_fraction``), so the
     validation score is on images the probe did not fit. The eval and validation splits are
     capped by ``eval.max_test_images``.
     """
     from streamssl.data.validation import split_train
 
     index = _index(cfg.data.dataset_dir)
+    if cfg.data.classes is not None:  # a run on some classes is probed on those classes only
+        from streamssl.data import layout
+        from streamssl.data.class_subset import keep_classes, resolve_classes
+
+        fs, path = layout.resolve(cfg.data.dataset_dir)
+        names = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes") or []
+        index = keep_classes(index, resolve_classes(cfg.data.classes, names))
     train, val = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
     test = index.filter(pc.equal(index["split"], cfg.data.eval_split))
     if test.num_rows == 0:
