@@ -13,7 +13,7 @@ Resume: Tune keeps finished trials and runs the rest; a trial whose stream had a
 (``results.json`` present) only reports it again, and an interrupted stream continues from its
 last completed segment. No finished segment or cell is ever trained twice.
 
-Outputs in ``--out DIR``: ``study.csv``, ``study.md``, the figures of
+Outputs in ``--out DIR``: ``study.csv``, ``study.md``, ``hpt.csv`` (with an ``hpt:`` section), the figures of
 :mod:`streamssl.study.plots`, ``cells.json`` (the expanded grid), ``study_summary.json``.
 """
 
@@ -28,6 +28,7 @@ import numpy as np
 from streamssl.config import Config, config_from_dict
 from streamssl.study.spec import JOINT, RANDOM_INIT, REFERENCES, Cell, cell_config, load_study
 from streamssl.study.table import CellOutcome, aggregate, markdown, read_outcome, write_csv
+from streamssl.study.hpt import hpt_markdown, hpt_rows, run_source_stage, with_source_checkpoints, write_hpt_csv
 
 def _cell_to_dict(c: Cell) -> dict[str, Any]:
     return {"id": c.id, "protocol": c.protocol, "strategy": c.strategy, "seed": c.seed, "config": c.config}
@@ -156,12 +157,15 @@ def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, c
         add_cka_to_joint(cells, outcomes)
     rows = aggregate(outcomes)
     write_csv(rows, sdir / "study.csv")
-    (sdir / "study.md").write_text(markdown(rows, title=spec_name))
+    hpt = hpt_rows(outcomes)
+    if hpt:
+        write_hpt_csv(hpt, sdir / "hpt.csv")
+    (sdir / "study.md").write_text(markdown(rows, title=spec_name) + hpt_markdown(hpt))
     plots = render_study_plots(rows, outcomes, sdir)
     missing = sorted(c.id for c in cells if not any(
         (o.protocol, o.strategy, o.seed) == (c.protocol, c.strategy, c.seed) for o in outcomes))
     summary = {"study": spec_name, "study_dir": str(sdir), "cells": len(cells), "finished": len(outcomes),
-               "unfinished": missing, "rows": rows, "plots": [str(p) for p in plots]}
+               "unfinished": missing, "rows": rows, "hpt_rows": hpt, "plots": [str(p) for p in plots]}
     write_json_atomic(sdir / "study_summary.json", summary)
     return summary
 
@@ -179,6 +183,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     spec, cells = load_study(path, overrides)
     cells = [Cell(c.protocol, c.strategy, c.seed, _absolute_paths(dict(c.config))) for c in cells]
     sdir = Path(out_dir).resolve()
+    cells = with_source_checkpoints(cells, sdir)  # HPT cells start from their seed's pre-training run
     exp_path = sdir / "tune" / "study"
     if resume and not tune.Tuner.can_restore(str(exp_path)):
         raise FileNotFoundError(f"{exp_path}: no study to resume")
@@ -204,6 +209,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     # In a CLI console session the cells' output goes to <out>/logs (-v: to the console).
     console.init_ray(base.scaling.ray_address, sdir / "logs")
     _prepare_datasets(cells)
+    run_source_stage(cells, sdir, tracking_uri, study_run_id)  # HPT pre-training runs, before the grid
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
     board = None if resume else progress_board()  # cells' in-segment progress for the trial table
