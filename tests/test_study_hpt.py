@@ -19,6 +19,7 @@ from streamssl.study.hpt import (
 )
 from streamssl.study.spec import load_study
 from streamssl.study.table import CellOutcome
+from tests.test_train_e2e import tiny_dataset  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,3 +154,50 @@ def test_shipped_study_has_hpt_rows() -> None:
     assert variants == {"scratch", "hpt", "hpt_bn_only"}
     src = [c for c in cells if c.protocol == "hpt_source"]
     assert src and all(set(c.config["data"]["classes"]).isdisjoint(spec.hpt.target_classes) for c in src)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_hpt_study_end_to_end(ray_local, tiny_dataset, tmp_path: Path) -> None:
+    """A pre-training stage on classes 0-2, then scratch / hpt / hpt_bn_only streams on classes 3-5:
+    the HPT cells really start from the pre-trained encoder (bn_only keeps its conv weights), and
+    the HPT table is written."""
+    import json
+
+    import torch
+
+    from streamssl.run import checkpoint as ck
+    from streamssl.study import run_study
+
+    smoke = yaml.safe_load((ROOT / "configs" / "study_smoke.yaml").read_text())
+    study = {**smoke, "baselines": [], "hpt": {"source_classes": [0, 1, 2], "target_classes": [3, 4, 5],
+                                                "pretrain": {"stream.protocol": "instance", "stream.segments": 1}}}
+    path = tmp_path / "hpt.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "study"
+    overrides = [f"data.dataset_dir={tiny_dataset}", "data.source=folder", "data.image_size=16",
+                 "stream.max_images_per_segment=null", f"scaling.ray_address={ray_local}"]
+    summary = run_study(path, out, overrides=overrides)
+    assert summary["errors"] == {} and summary["finished"] == summary["cells"] == 5
+    assert {(r["variant"], r["probe"]) for r in summary["hpt_rows"]} == {
+        (v, p) for v in ("scratch", "hpt", "hpt_bn_only") for p in ("linear", "knn")}
+    assert (out / "hpt.csv").is_file() and "## HPT" in (out / "study.md").read_text()
+
+    trials = out / "trials"
+    from streamssl.run.layout import RunLayout
+
+    def labels(cell: str) -> set[int]:
+        meta = RunLayout(trials / cell).plan_meta.read_json()
+        return {c for s in meta["segments"] for c in s["labels"]}
+
+    assert labels("hpt_source--pretrain--s0") == {0, 1, 2}
+    assert labels("class_random-hpt--hpt--s0") == {3, 4, 5}
+
+    def weights(cell: str) -> dict[str, torch.Tensor]:
+        return ck.load_model_state(ck.resolve_checkpoint(str(trials / cell)))
+
+    source, hpt, bn = (weights(c) for c in ("hpt_source--pretrain--s0", "class_random-hpt--hpt--s0",
+                                            "class_random-hpt--hpt_bn_only--s0"))
+    convs = [k for k, v in source.items() if k.startswith("backbone.") and k.endswith("weight") and v.dim() == 4]
+    assert convs and all(torch.equal(bn[k], source[k]) for k in convs)  # frozen: exactly the pre-trained weights
+    assert not all(torch.equal(hpt[k], source[k]) for k in convs)  # trained on from there
