@@ -420,6 +420,7 @@ def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str
         cfg = _with_overrides(cfg, overrides)
     if data_dir:
         cfg.data.dataset_dir = data_dir
+        cfg.data.classes = None  # the run's class subset names the run's dataset, not this one
     # Asked for explicitly: evaluate even when the run trained with after-segment evaluation off.
     cfg.eval.enabled = True
     if not ray.is_initialized():
