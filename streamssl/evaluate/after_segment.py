@@ -168,7 +168,7 @@ def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, A
     size, ch = cfg.data.image_size, cfg.data.channels
     # The kNN bank / probe train set, the test set and the validation set in one read-and-encode
     # pass (one Ray Data pipeline, one encoder actor pool), told apart by a part column
-    # (0 = train, 1 = test, 2 = validation).
+    # (TRAIN_PART, EVAL_PART or DOMAIN_PART + domain on a domain stream, VAL_PART).
     fs, path = layout.resolve(cfg.data.dataset_dir)
     classes = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes", [])
     seg_classes = segment_class_ids(plan_meta, classes) if plan_meta else None
