@@ -81,6 +81,7 @@ def test_domain_forgetting_is_the_class_formula_on_the_domain_matrix() -> None:
     assert average_forgetting([[0.9, 0.3], [0.7, 0.95]]) == pytest.approx(0.2)
 
 
+@pytest.mark.ray
 def test_a_domain_stream_logs_one_accuracy_row_entry_per_domain(ray_local, tmp_path: Path) -> None:
     """The real probe path on a derived-domain dataset: per-domain entries whose count-weighted
     mean is the overall accuracy (the domains partition the test split)."""

@@ -181,7 +181,7 @@ def hpt_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
     header = ["protocol", "variant", "probe", "final %", "from-scratch final %", "target images to reach it",
               "reached", "target images processed", "pre-training images"]
-    lines = ["## HPT: target images to reach the from-scratch accuracy", "",
+    lines = ["", "## HPT: target images to reach the from-scratch accuracy", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
