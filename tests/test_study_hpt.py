@@ -162,8 +162,6 @@ def test_hpt_study_end_to_end(ray_local, tiny_dataset, tmp_path: Path) -> None:
     """A pre-training stage on classes 0-2, then scratch / hpt / hpt_bn_only streams on classes 3-5:
     the HPT cells really start from the pre-trained encoder (bn_only keeps its conv weights), and
     the HPT table is written."""
-    import json
-
     import torch
 
     from streamssl.run import checkpoint as ck
