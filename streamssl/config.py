@@ -49,6 +49,9 @@ class DataConfig(_Section):
     # Ingest with synthetic domains (``streamssl ingest --derive-domains``), e.g.
     # "original,rotate90,invert,blur_noise"; for the domain protocol on data without domain labels.
     derive_domains: str | None = None
+    # Only these classes (names as in dataset.json, or label ids) are streamed and probed; None =
+    # every class. Two runs on disjoint class sets see disjoint images (streamssl/data/class_subset.py).
+    classes: list[str | int] | None = None
     # Rows each training worker keeps in Ray Data's local shuffle buffer to mix its stream of a
     # segment (plan order is class- or shard-grouped); 0 = train in plan order. See train/worker.py.
     shuffle_buffer: int = Field(2048, ge=0)

@@ -139,7 +139,8 @@ def test_shipped_study_configs_expand():
         assert any(c.strategy == "joint" for c in cells) and any(c.strategy == "random_init" for c in cells)
     spec, cells = load_study(ROOT / "configs" / "study_fashion_mnist.yaml")
     protocols = {c.protocol for c in cells}
-    assert protocols == {"instance", "class_random", "class_distant", "domain"}
+    # the hpt section's cells (tests/test_study_hpt.py) come under their own protocol labels
+    assert protocols == {"instance", "class_random", "class_distant", "domain", "hpt_source", "class_random-hpt"}
     for p in ("instance", "class_random"):
         assert len(spec.seeds_for(p)) >= 3
     assert set(spec.strategies) == {"naive", "replay", "mas", "replay+mas", "cassle", "lump"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from streamssl.data import layout
 from streamssl.data.validation import split_train, validation_meta
 from streamssl.data.class_grouping import class_name, groups_by_embedding, groups_from_file
+from streamssl.data.class_subset import keep_classes, resolve_classes
 from streamssl.data.plan import (
     PLAN_SCHEMA,
     PLAN_VERSION,
@@ -57,6 +58,7 @@ def make_plan(
     encoder: Callable[[np.ndarray], Any] | None = None,
     out_dir: str | None = None,
     val_fraction: float = 0.0,
+    only_classes: Sequence[str | int] | None = None,
 ) -> dict[str, Any]:
     """Make the plan, write ``stream.parquet`` + ``stream.json`` into ``out_dir``, return the meta.
 
@@ -65,7 +67,9 @@ def make_plan(
     default is a fixed-seed random-init ``small_cnn``. ``val_fraction`` holds that share of the
     train split back as the validation split (:mod:`streamssl.data.validation`): never in a
     segment, recorded in stream.json. The returned dict is stream.json's content
-    plus ``out_dir``. Raises :class:`StreamError` for combinations that cannot work.
+    plus ``out_dir``. ``only_classes`` (``data.classes``) streams only the train images of those
+    classes (:mod:`streamssl.data.class_subset`). Raises :class:`StreamError` for combinations
+    that cannot work.
     """
     if protocol not in PROTOCOLS:
         raise StreamError(f"unknown stream protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -101,6 +105,15 @@ def make_plan(
     if train.num_rows == 0:
         raise StreamError(f"val_fraction={val_fraction} leaves no train image to stream")
     classes: list[str] = list(ds_meta.get("classes") or [])
+    kept_ids: list[int] | None = None
+    if only_classes is not None:
+        try:
+            kept_ids = resolve_classes(only_classes, classes)
+        except ValueError as e:
+            raise StreamError(str(e)) from None
+        train = keep_classes(train, kept_ids)
+        if train.num_rows == 0:
+            raise StreamError(f"data.classes {list(only_classes)}: no train image of these classes to stream")
 
     extra: dict[str, Any] = {}
     tag: str | None = None
@@ -127,6 +140,8 @@ def make_plan(
         params["window"] = window
     if grouping_file is not None:
         params["grouping_file"] = extra["grouping"]["file"]
+    if kept_ids is not None:
+        params["classes"] = [class_name(classes, c) for c in kept_ids]
     if protocol == "class_distant" and grouping_file is None:
         params["encoder"] = "custom" if encoder is not None else "default"
     extra.pop("windows", None)

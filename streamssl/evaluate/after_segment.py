@@ -5,7 +5,9 @@ changed: a seeded subsample of the dataset's train split (at most ``eval.max_tra
 the kNN bank / linear-probe training set, and the held-out ``eval_split`` (default ``test``,
 never streamed) is scored. Features are extracted with Ray Data ``map_batches`` on an actor pool.
 Per-segment accuracies (row t of the accuracy matrix A[t][i]) restrict the test set to the
-classes each segment introduced.
+classes each segment introduced, or, on a stream whose segments are domains, to the test images
+of each segment's domains (:func:`segment_domain_groups`): the same ``eval/<probe>_acc_seg<i>``
+entries, so class and domain forgetting come from one accuracy matrix and one formula.
 
 Two cheap diagnostics ride along (:func:`drift_and_sharpness`), on the first
 ``DRIFT_PROBE_IMAGES`` images of that same fixed eval set, read in this process (no Ray):
@@ -37,7 +39,7 @@ from streamssl.config import Config
 def _index(dataset_dir: str) -> pa.Table:
     from streamssl.data import layout
 
-    cols = ["image_id", "label", "split"]
+    cols = ["image_id", "label", "split", "domain"]
     return layout.read_index(dataset_dir, cols).select(cols)  # committed rows only
 
 
@@ -50,13 +52,21 @@ def probe_sets(cfg: Config) -> tuple[pa.Table, pa.Table, pa.Table]:
     """(train subsample, eval split, validation split) id tables, from one read of the index; the
     same for every segment, seed and strategy.
 
-    The train subsample never contains validation images (``data.val_fraction``), so the
+    With ``data.classes`` all three hold images of those classes only. The train subsample
+    never contains validation images (``data.val_fraction``), so the
     validation score is on images the probe did not fit. The eval and validation splits are
     capped by ``eval.max_test_images``.
     """
     from streamssl.data.validation import split_train
 
     index = _index(cfg.data.dataset_dir)
+    if cfg.data.classes is not None:  # a run on some classes is probed on those classes only
+        from streamssl.data import layout
+        from streamssl.data.class_subset import keep_classes, resolve_classes
+
+        fs, path = layout.resolve(cfg.data.dataset_dir)
+        names = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes") or []
+        index = keep_classes(index, resolve_classes(cfg.data.classes, names))
     train, val = split_train(index.filter(pc.equal(index["split"], "train")), cfg.data.val_fraction)
     test = index.filter(pc.equal(index["split"], cfg.data.eval_split))
     if test.num_rows == 0:
@@ -102,37 +112,89 @@ def segment_class_ids(plan_meta: dict[str, Any], dataset_meta_classes: list[str]
     return out
 
 
+def segment_domain_groups(plan_meta: dict[str, Any]) -> list[list[str]] | None:
+    """Domain values of each segment, for streams whose segments differ in domain (the ``domain``
+    protocol); None when a segment lists no domain or every segment has the same ones (instance
+    or class streams on a dataset with domains, where a per-domain row says nothing about the stream)."""
+    segs = plan_meta.get("segments", [])
+    if len(segs) < 2 or not all(s.get("domains") for s in segs):
+        return None
+    out = [[str(d) for d in s["domains"]] for s in segs]
+    if all(set(o) == set(out[0]) for o in out):
+        return None
+    return out
+
+
+# Part ids of the one-pass probe encoding: train subsample, eval split, validation split; on a
+# domain stream the eval split's rows of domain j (its index in the sorted domains of the plan)
+# get part DOMAIN_PART + j instead of EVAL_PART, which carries each row's domain through the
+# (unordered) Ray Data encoding.
+TRAIN_PART, EVAL_PART, VAL_PART, DOMAIN_PART = 0, 1, 2, 3
+
+
+def _eval_parts(test: pa.Table, domain_groups: list[list[str]] | None) -> tuple[np.ndarray, list[list[int]] | None]:
+    """Part id of every eval-split row and, on a domain stream, each segment's domain indices."""
+    if domain_groups is None:
+        return np.full(test.num_rows, EVAL_PART, np.int32), None
+    domains = sorted({d for g in domain_groups for d in g})
+    code = {d: DOMAIN_PART + j for j, d in enumerate(domains)}
+    parts = np.array([code.get(str(d), EVAL_PART) if d is not None else EVAL_PART
+                      for d in test["domain"].to_pylist()], np.int32)
+    return parts, [[domains.index(d) for d in g] for g in domain_groups]
+
+
+def split_probe_features(features: Any) -> tuple[Any, Any, Any, np.ndarray | None]:
+    """(train, eval, validation, eval rows' domain index or None) of one probe encoding pass;
+    the domain index is -1 for an eval row outside the stream's domains."""
+    parts = features.parts
+    test = features.subset(np.flatnonzero((parts == EVAL_PART) | (parts >= DOMAIN_PART)))
+    groups = None
+    if (parts >= DOMAIN_PART).any():
+        groups = np.where(test.parts >= DOMAIN_PART, test.parts - DOMAIN_PART, -1)
+    return (features.subset(np.flatnonzero(parts == TRAIN_PART)), test,
+            features.subset(np.flatnonzero(parts == VAL_PART)), groups)
+
+
 def evaluate_encoder_on_config(cfg: Config, encoder: Any, plan_meta: dict[str, Any] | None) -> dict[str, float]:
     from streamssl.data import layout
     from streamssl.data.segments import read_rows
     from streamssl.evaluate.runner import evaluate_encoder
     from streamssl.ssl.augment import eval_transform
 
-    from streamssl.evaluate.features import extract_features, split_parts
+    from streamssl.evaluate.features import extract_features
 
     if not cfg.eval.enabled:
         return {}
     size, ch = cfg.data.image_size, cfg.data.channels
     # The kNN bank / probe train set, the test set and the validation set in one read-and-encode
     # pass (one Ray Data pipeline, one encoder actor pool), told apart by a part column
-    # (0 = train, 1 = test, 2 = validation).
-    rows = pa.concat_tables([
-        pa.table({"image_id": ids["image_id"], "segment": pa.array(np.full(ids.num_rows, i, np.int32))})
-        for i, ids in enumerate(probe_sets(cfg))
-    ])
-    ds = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=ch)
+    # (TRAIN_PART, EVAL_PART or DOMAIN_PART + domain on a domain stream, VAL_PART).
     fs, path = layout.resolve(cfg.data.dataset_dir)
     classes = layout.read_json(fs, layout.join(path, layout.DATASET_FILE)).get("classes", [])
     seg_classes = segment_class_ids(plan_meta, classes) if plan_meta else None
+    # Per-segment rows by domain only where segments are not told apart by their classes.
+    domain_groups = segment_domain_groups(plan_meta) if plan_meta and seg_classes is None else None
+    train_ids, test_ids, val_ids = probe_sets(cfg)
+    test_parts, seg_domains = _eval_parts(test_ids, domain_groups)
+    rows = pa.concat_tables([
+        pa.table({"image_id": ids["image_id"], "segment": pa.array(part, pa.int32())})
+        for ids, part in ((train_ids, np.full(train_ids.num_rows, TRAIN_PART, np.int32)), (test_ids, test_parts),
+                          (val_ids, np.full(val_ids.num_rows, VAL_PART, np.int32)))
+    ])
+    ds = read_rows(cfg.data.dataset_dir, rows, image_size=size, channels=ch)
     backbone = getattr(encoder, "backbone", encoder)
     # With a GPU share (eval.num_gpus > 0) this process holds it and encodes here, Ray Data only
     # reading and decoding; without one, a pool of CPU encode actors does.
     on_gpu = eval_device(cfg).type == "cuda"
     features = extract_features(backbone, ds, transform=eval_transform(cfg.ssl.augment, size, ch),
                                 use_gpu=on_gpu, in_process=cfg.eval.num_gpus > 0)
-    train, test, val = split_parts(features, 3)
-    metrics = evaluate_encoder(None, train, test, cfg.eval, transform=None, segment_classes=seg_classes,
-                               use_gpu=on_gpu, seed=cfg.seed)
+    train, test, val, test_domains = split_probe_features(features)
+    if seg_domains is not None and test_domains is not None:
+        metrics = evaluate_encoder(None, train, test, cfg.eval, transform=None, segment_classes=seg_domains,
+                                   segment_groups=test_domains, use_gpu=on_gpu, seed=cfg.seed)
+    else:
+        metrics = evaluate_encoder(None, train, test, cfg.eval, transform=None, segment_classes=seg_classes,
+                                   use_gpu=on_gpu, seed=cfg.seed)
     if len(val):
         metrics.update(validation_metrics(train, val, cfg))
     metrics["eval/feature_images_per_s"] = features.images_per_s
@@ -358,6 +420,7 @@ def evaluate_path(path: str, *, data_dir: str | None = None, overrides: list[str
         cfg = _with_overrides(cfg, overrides)
     if data_dir:
         cfg.data.dataset_dir = data_dir
+        cfg.data.classes = None  # the run's class subset names the run's dataset, not this one
     # Asked for explicitly: evaluate even when the run trained with after-segment evaluation off.
     cfg.eval.enabled = True
     if not ray.is_initialized():

@@ -81,10 +81,13 @@ def evaluate_features(
     cfg: EvalConfig,
     *,
     segment_classes: Sequence[Sequence[int]] | None = None,
+    segment_groups: np.ndarray | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """kNN, linear probe and few-shot metrics on precomputed features (see :func:`evaluate_encoder`)."""
+    if segment_groups is not None and np.shape(segment_groups) != test.labels.shape:
+        raise ValueError(f"segment_groups needs one value per test row ({len(test)}), got {np.shape(segment_groups)}")
     m: dict[str, float] = {"eval/n_train": float(len(train)), "eval/n_test": float(len(test))}
     knn = knn_classify(
         train.features,
@@ -129,7 +132,7 @@ def evaluate_features(
 
     if segment_classes is not None:
         for name, preds in (("knn", knn.predictions), ("linear", lin.predictions)):
-            for i, acc in enumerate(accuracy_matrix_row(preds, test.labels, segment_classes)):
+            for i, acc in enumerate(accuracy_matrix_row(preds, test.labels, segment_classes, groups=segment_groups)):
                 m[f"eval/{name}_acc_seg{i}"] = acc
     return m
 
@@ -142,6 +145,7 @@ def evaluate_encoder(
     *,
     transform: nn.Module | None,
     segment_classes: Sequence[Sequence[int]] | None = None,
+    segment_groups: np.ndarray | None = None,
     batch_size: int = 512,
     use_gpu: bool = False,
     seed: int = 0,
@@ -152,7 +156,10 @@ def evaluate_encoder(
     ``eval/fewshot_ci95``, ``eval/fewshot_ways``, ``eval/n_train``, ``eval/n_test``,
     ``eval/feature_images_per_s`` (test-set encoding throughput, when encoded here), and with
     ``segment_classes`` (the class ids of each stream segment) ``eval/knn_acc_seg{i}`` and
-    ``eval/linear_acc_seg{i}``: row t of the accuracy matrix. Empty dict when ``cfg.enabled``
+    ``eval/linear_acc_seg{i}``: row t of the accuracy matrix. On a domain stream,
+    ``segment_groups`` gives each test row's domain index and ``segment_classes`` the domain
+    indices of each segment (test must then be a :class:`FeatureSet`; a subsample keeps the
+    pairing). Empty dict when ``cfg.enabled``
     is false. Train/test may each be a Ray Dataset, ``(images, labels[, valid])`` arrays, or a
     :class:`FeatureSet` computed earlier (then ``encoder``/``transform`` may be None).
     """
@@ -160,9 +167,16 @@ def evaluate_encoder(
         return {}
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     common: dict[str, Any] = dict(transform=transform, batch_size=batch_size, use_gpu=use_gpu, device=device)
+    if segment_groups is not None:
+        if not isinstance(test_ds_or_arrays, FeatureSet):
+            raise ValueError("segment_groups needs the test set as a FeatureSet")
+        # Carried as the rows' part ids so that a subsample below keeps them paired with the rows.
+        t = test_ds_or_arrays
+        test_ds_or_arrays = FeatureSet(t.features, t.labels, t.images_per_s, np.asarray(segment_groups, np.int64))
     train = _features(encoder, train_ds_or_arrays, cfg.max_train_images, seed, **common)
     test = _features(encoder, test_ds_or_arrays, cfg.max_test_images, seed + 1, **common)
-    m = evaluate_features(train, test, cfg, segment_classes=segment_classes, seed=seed, device=device)
+    m = evaluate_features(train, test, cfg, segment_classes=segment_classes,
+                          segment_groups=test.parts if segment_groups is not None else None, seed=seed, device=device)
     if not isinstance(test_ds_or_arrays, FeatureSet):
         m["eval/feature_images_per_s"] = test.images_per_s
     return m

@@ -23,8 +23,9 @@ def transfer_config(cfg: Config) -> Config:
     split is scored; the encoder's input size and the probes' settings stay the stream's."""
     if not cfg.eval.transfer_dataset:
         raise ValueError("eval.transfer_dataset is not set")
+    # data.classes names the stream dataset's classes: the downstream dataset is probed whole.
     data = cfg.data.model_copy(update={"dataset_dir": cfg.eval.transfer_dataset, "val_fraction": 0.0,
-                                       "eval_split": "test"})
+                                       "eval_split": "test", "classes": None})
     evaluation = cfg.eval.model_copy(update={"transfer_dataset": None, "diagnostics": False})
     return cfg.model_copy(update={"data": data, "eval": evaluation})
 

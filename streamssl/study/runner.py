@@ -14,11 +14,13 @@ Resume: Tune keeps finished trials and runs the rest; a trial whose stream had a
 last completed segment. No finished segment or cell is ever trained twice.
 
 With a ``tuning`` section, the tuning stage (:mod:`streamssl.study.tuning`) runs first and the
-cells run with its chosen values; a resumed study reads a finished stage back.
+cells run with its chosen values; a resumed study reads a finished stage back. With an ``hpt``
+section, the HPT pre-training runs (:mod:`streamssl.study.hpt`) run next, before the grid.
 
 Outputs in ``--out DIR``: ``study.csv``, ``study.md``, the figures of
 :mod:`streamssl.study.plots`, ``cells.json`` (the expanded grid, with the tuned values),
-``study_summary.json``; with tuning also ``tuning.md``, ``tuning.csv``, ``tuning.json``.
+``study_summary.json``; with tuning also ``tuning.md``, ``tuning.csv``, ``tuning.json``; with an
+``hpt:`` section ``hpt.csv``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from streamssl.config import Config, config_from_dict
 from streamssl.study.spec import (JOINT, RANDOM_INIT, REFERENCES, Cell, apply_tuned, cell_config, load_study,
                                   load_tuning)
 from streamssl.study.table import CellOutcome, aggregate, markdown, read_outcome, write_csv
+from streamssl.study.hpt import hpt_markdown, hpt_rows, run_source_stage, with_source_checkpoints, write_hpt_csv
 
 def _cell_to_dict(c: Cell) -> dict[str, Any]:
     return {"id": c.id, "protocol": c.protocol, "strategy": c.strategy, "seed": c.seed, "config": c.config}
@@ -162,12 +165,15 @@ def write_outputs(spec_name: str, cells: list[Cell], study_dir: str | Path, *, c
     rows = aggregate(outcomes)
     write_csv(rows, sdir / "study.csv")
     tuned = _tuned_values(sdir)
-    (sdir / "study.md").write_text(markdown(rows, title=spec_name) + _setup_notes(cells, tuned))
+    hpt = hpt_rows(outcomes)
+    if hpt:
+        write_hpt_csv(hpt, sdir / "hpt.csv")
+    (sdir / "study.md").write_text(markdown(rows, title=spec_name) + _setup_notes(cells, tuned) + hpt_markdown(hpt))
     plots = render_study_plots(rows, outcomes, sdir)
     missing = sorted(c.id for c in cells if not any(
         (o.protocol, o.strategy, o.seed) == (c.protocol, c.strategy, c.seed) for o in outcomes))
     summary = {"study": spec_name, "study_dir": str(sdir), "cells": len(cells), "finished": len(outcomes),
-               "unfinished": missing, "rows": rows, "plots": [str(p) for p in plots]}
+               "unfinished": missing, "rows": rows, "hpt_rows": hpt, "plots": [str(p) for p in plots]}
     if tuned is not None:
         summary["tuned"] = tuned
     write_json_atomic(sdir / "study_summary.json", summary)
@@ -215,6 +221,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     cells = [Cell(c.protocol, c.strategy, c.seed, _absolute_paths(dict(c.config))) for c in cells]
     sweeps = load_tuning(path, overrides)
     sdir = Path(out_dir).resolve()
+    cells = with_source_checkpoints(cells, sdir)  # HPT cells start from their seed's pre-training run
     exp_path = sdir / "tune" / "study"
     comparison_started = tune.Tuner.can_restore(str(exp_path))
     if resume and not (comparison_started or (sdir / TUNING_DIR).is_dir()):
@@ -246,6 +253,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
         cells = apply_tuned(cells, tuned["applied"])
         console.init_ray(base.scaling.ray_address, sdir / "logs")  # each sweep logged into its own directory
     write_json_atomic(cells_file, [_cell_to_dict(c) for c in cells])
+    run_source_stage(cells, sdir, tracking_uri, study_run_id)  # HPT pre-training runs, before the grid
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
     board = None if resume else progress_board()  # cells' in-segment progress for the trial table

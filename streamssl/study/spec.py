@@ -42,6 +42,9 @@ comparison to joint uses every joint seed; the curve only the along-stream ones.
 ``tuning``: see :mod:`streamssl.study.tuning`. The chosen values replace the grid's keys in the
 cells of every strategy in ``apply_to`` (default: the tuned strategy itself).
 
+An optional ``hpt:`` section adds HPT rows (Reed et al., 2021): a pre-training run on other
+classes and streams that start from it, see :mod:`streamssl.study.hpt_design`.
+
 Every cell's config is validated when the study is loaded, so a typo fails before any trial
 starts, with the cell and the field named.
 """
@@ -57,6 +60,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streamssl.config import Config, ConfigError, apply_overrides, config_from_dict
+from streamssl.study.hpt_design import PRETRAIN, HptSpec, hpt_grid
 
 #: Baseline cells every study may add besides its sequential strategies.
 JOINT = "joint"
@@ -145,6 +149,9 @@ class StudySpec(BaseModel):
     cpus_per_trial_driver: float = Field(0.5, gt=0)
     joint: JointSpec = Field(default_factory=JointSpec)
     tuning: TuningSpec | None = None
+    # HPT rows: a pre-training run on other classes, and streams that start from it
+    # (streamssl/study/hpt_design.py).
+    hpt: HptSpec | None = None
 
     @field_validator("protocols")
     @classmethod
@@ -287,6 +294,26 @@ def expand_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) ->
                 if strategy in spec.strategies and seed not in spec.seeds_for(protocol, strategy):
                     continue
                 cells.append(_cell(spec, base, overrides, protocol, strategy, seed))
+    if spec.hpt is not None:
+        cells += _hpt_cells(spec, base, overrides)
+    return cells
+
+
+def _hpt_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> list[Cell]:
+    """The cells of the study's ``hpt`` section, after the grid's (see :mod:`streamssl.study.hpt_design`)."""
+    assert spec.hpt is not None
+    try:
+        grid = hpt_grid(spec.hpt, spec.name, spec.protocols, spec.seeds_for)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cells = []
+    for protocol, strategy, seed, dotted in grid:
+        try:
+            cfg = config_from_dict(apply_overrides(base, []), [*overrides, *dotted])
+        except ConfigError as e:
+            section = "hpt.pretrain" if strategy == PRETRAIN else "hpt"
+            raise ConfigError(f"study cell {protocol}/{strategy}/seed {seed} ({section}): {e}") from None
+        cells.append(Cell(protocol, strategy, seed, cfg.to_dict()))
     return cells
 
 

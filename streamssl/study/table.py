@@ -9,8 +9,9 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
 * ``linear`` / ``knn`` / ``fewshot``: the final encoder's frozen-feature probes on the held-out
   split, mean and sample std (ddof=1) over seeds; std is empty with one seed.
 * ``forgetting_linear`` / ``forgetting_knn``: average forgetting (Chaudhry et al., 2018) from the
-  run's accuracy matrix; defined only where segments have their own test classes
-  (class-incremental protocols), empty otherwise.
+  run's accuracy matrix; defined where segments have their own test images: their classes
+  (class-incremental protocols) or their domains (the domain protocol: accuracy on each domain's
+  test images); empty otherwise (instance).
 * ``gap_to_joint_linear`` / ``gap_to_joint_knn``: mean over seeds of (this cell - joint of the
   same protocol and seed); negative = below joint. Only seeds both cells ran are paired.
   ``gap_to_joint_<probe>_ci95``: half-width of its 95% confidence interval (Student t with n-1
@@ -69,6 +70,7 @@ class CellOutcome:
     forgetting: dict[str, float] = field(default_factory=dict)  # probe -> average forgetting
     curve: dict[str, list[float]] = field(default_factory=dict)  # probe -> accuracy after each segment
     images_processed: float = 0.0
+    segment_images: list[float] = field(default_factory=list)  # images processed in each segment
     wall_s: float = float("nan")
     cka_to_joint: float = float("nan")
     run_dir: str | None = None
@@ -104,17 +106,17 @@ def read_outcome(cell: Cell, run_dir: str | Path) -> CellOutcome | None:
 
     forgetting = {k: forgetting_and_accuracy(mats[k])[0] for k in ("linear", "knn") if k in mats}
     curve = {k: [_f(s.metrics.get(f"eval/{k}_acc")) for s in run.segments] for k in PROBES}
-    images = 0.0
+    seg_images = []
     for s in run.segments:
         train = s.metrics.get("compute/train_images", s.metrics.get("train/images_seen", 0.0))
-        images += _f(train) + _f(s.metrics.get("compute/importance_images", 0.0))
+        seg_images.append(_f(train) + _f(s.metrics.get("compute/importance_images", 0.0)))
     along_stream = not (cell.config.get("stream") or {}).get("merge_segments")
     if not along_stream:  # one segment holding every segment's rows: no curve, nothing to forget
         forgetting, curve = {}, {}
     return CellOutcome(cell.protocol, cell.strategy, cell.seed,
                        final={k: _f(final.get(f"eval/{k}_acc")) for k in PROBES + TRANSFER}, forgetting=forgetting,
-                       curve=curve, images_processed=images, wall_s=run.wall_s, run_dir=str(d),
-                       along_stream=along_stream)
+                       curve=curve, images_processed=float(sum(seg_images)), segment_images=seg_images,
+                       wall_s=run.wall_s, run_dir=str(d), along_stream=along_stream)
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
               "the held-out test split. Gaps: paired by seed against the joint run (a fresh model trained "
               "on all segments so far; ± the 95% CI half-width, Student t over the common seeds, and the "
               "paired t-test's p-value) and against the untrained encoder and raw pixels. Forgetting: average forgetting "
-              "over earlier segments' test classes (class-incremental protocols only). Images processed: "
+              "over earlier segments' test classes (class protocols) or test domains (domain protocol). Images processed: "
               "forward + backward passes in training, replay and importance passes included; joint "
               "retrains from scratch after every segment. Transfer: the same probes fitted on a downstream "
               "dataset's train split and scored on its test split (eval.transfer_dataset; n/a without one).", ""]

@@ -89,7 +89,7 @@ def ensure_plan(cfg: Config, run_dir: str | Path) -> tuple[pa.Table, dict[str, A
         tmp = run.plan_staging_dir() if run.is_local else plan_dir
         make_plan(cfg.data.dataset_dir, cfg.stream.protocol, cfg.stream.segments, cfg.stream.seed,
                   grouping_file=cfg.stream.grouping_file, window=cfg.stream.window, out_dir=tmp.uri,
-                  val_fraction=cfg.data.val_fraction)
+                  val_fraction=cfg.data.val_fraction, only_classes=cfg.data.classes)
         if run.is_local:
             os.replace(tmp.path, plan_dir.path)
     plan, meta = load_plan(plan_dir.uri)
