@@ -308,9 +308,11 @@ class Config(_Section):
         if self.strategy == "lump" and self.replay.size == 0:
             raise ValueError("strategy 'lump' mixes current with replayed images: set replay.size > 0")
         if self.ssl.method in LABELLED_METHODS:
-            if self.strategy in ("cassle", "lump"):
+            why = {"cassle": "distils through an SSL method's projector and loss",
+                   "lump": "mixes images across rows, and the labels would not follow"}.get(self.strategy)
+            if why:
                 raise ValueError(f"ssl.method {self.ssl.method!r} trains a classifier on labels; strategy "
-                                 f"{self.strategy!r} needs an SSL loss or mixes images: use naive, joint or cumulative")
+                                 f"{self.strategy!r} {why}: use naive, joint or cumulative")
             if self.regularization.method == "ewc":
                 raise ValueError(f"regularization.method 'ewc' estimates importance from the training loss, "
                                  f"which needs labels under ssl.method {self.ssl.method!r}; use mas or l2sp")
