@@ -141,6 +141,17 @@ def test_ensure_dataset_refuses_supervised_on_an_ingested_unlabelled_dataset(tmp
     assert ensure_dataset(config_from_dict({}, over))["num_classes"] == 0  # SSL is fine without labels
     with pytest.raises(ValueError, match=r"'supervised' trains on labels, but .*ds has no labels"):
         ensure_dataset(config_from_dict({}, [*over, "ssl.method=supervised"]))
+    # A study fails before any trial, even when its first cell on that dataset is an SSL one.
+    from streamssl.study.runner import _prepare_datasets
+    from streamssl.study.spec import StudySpec, expand_cells
+
+    spec = StudySpec(base={}, protocols={"instance": {}}, baselines=["joint"],
+                     strategies={"naive": {}, "supervised": {"ssl.method": "supervised"}})
+    cells = expand_cells(spec, {"tracking": {"enabled": False}}, over)
+    assert [c.strategy for c in cells] == ["naive", "supervised", "joint"]
+    with pytest.raises(ValueError, match=r"'supervised' trains on labels"):
+        _prepare_datasets(cells)
+    _prepare_datasets([c for c in cells if c.strategy != "supervised"])
 
 
 def test_batch_labels_follow_repaired_rows_and_mix_with_extra_rows():

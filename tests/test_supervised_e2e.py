@@ -17,7 +17,7 @@ import pytest
 
 from tests.tiny_stream import image_folder, ingest_folder, stream_config
 
-# About 1 minute on a quiet 2-core machine, 3 under load: in the slow set (-m slow).
+# 174 s measured on the shared 2-core machine (load average ~6): in the slow set (-m slow).
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
