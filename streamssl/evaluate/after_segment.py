@@ -264,10 +264,9 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
     import torch
 
     from streamssl.evaluate.sharpness import estimate_sharpness
+    from streamssl.registry import LABELLED_METHODS
     from streamssl.ssl import build_augment, build_method
     from streamssl.run import checkpoint as ck
-
-    from streamssl.registry import LABELLED_METHODS
 
     bs = min(cfg.optim.batch_size, SHARPNESS_MAX_BATCH, len(images) // batches)
     if bs < 2 or cfg.ssl.method in LABELLED_METHODS:
