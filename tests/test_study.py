@@ -148,6 +148,7 @@ def test_shipped_study_configs_expand():
             == {(c.protocol, c.seed) for c in cells if c.strategy == "naive"})
     assert all(c.config["ssl"]["method"] == ("supervised" if c.strategy == "supervised" else "simclr")
                for c in cells if c.strategy != "random_init" and c.strategy != "raw_pixels")
+    assert {c.config["optim"]["lr"] for c in cells if c.strategy == "supervised"} == {0.1}
     # Replay cells cost naive's compute (replay rows replace part of the batch); LUMP mixes every
     # row with a replayed one, so its buffer rows come on top and it forwards naive's batch size.
     assert all(c.config["replay"]["mode"] == "replace" for c in cells
