@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streamssl.registry import DATA_SOURCES, SSL_METHODS, STRATEGIES
+from streamssl.registry import DATA_SOURCES, LABELLED_METHODS, SSL_METHODS, STRATEGIES
 
 # Allowed names come from the registries (one list each); Literal[tuple] is Literal[*names].
 MethodName = Literal[tuple(SSL_METHODS)]  # type: ignore[valid-type]
@@ -110,6 +110,9 @@ class SSLConfig(_Section):
     dino_local_crop_scale: tuple[float, float] = (0.05, 0.4)
     dino_local_crop_size: int | None = Field(None, ge=4)  # None: 96/224 of data.image_size, as the paper
     augment: Literal["grayscale_small", "rgb_imagenet"] = "grayscale_small"
+    # Supervised baseline (ssl.method: supervised): classes of its classifier head; None = the
+    # dataset's num_classes (dataset.json), filled in by the stream driver before training.
+    num_classes: int | None = Field(None, ge=2)
 
 
 class OptimConfig(_Section):
@@ -346,6 +349,15 @@ class Config(_Section):
             raise ValueError(f"strategy {self.strategy!r} already trains on all past data; set replay.size=0")
         if self.strategy == "lump" and self.replay.size == 0:
             raise ValueError("strategy 'lump' mixes current with replayed images: set replay.size > 0")
+        if self.ssl.method in LABELLED_METHODS:
+            why = {"cassle": "distils through an SSL method's projector and loss",
+                   "lump": "mixes images across rows, and the labels would not follow"}.get(self.strategy)
+            if why:
+                raise ValueError(f"ssl.method {self.ssl.method!r} trains a classifier on labels; strategy "
+                                 f"{self.strategy!r} {why}: use naive, joint or cumulative")
+            if self.regularization.method == "ewc":
+                raise ValueError(f"regularization.method 'ewc' estimates importance from the training loss, "
+                                 f"which needs labels under ssl.method {self.ssl.method!r}; use mas or l2sp")
         return self
 
     def to_dict(self) -> dict[str, Any]:

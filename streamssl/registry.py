@@ -23,7 +23,13 @@ SSL_METHODS: dict[str, str] = {
     "barlow_twins": "streamssl.ssl.barlow_twins:BarlowTwins",
     "vicreg": "streamssl.ssl.vicreg:VICReg",
     "dino": "streamssl.ssl.dino:DINO",
+    "supervised": "streamssl.ssl.supervised:Supervised",
 }
+
+#: The ``ssl.method`` names that train on the rows' labels (cross-entropy baselines, not SSL): the
+#: training loop hands the batch's labels to these alone, and the stream driver refuses to run
+#: them on a dataset whose streamed split is not fully labelled.
+LABELLED_METHODS: frozenset[str] = frozenset({"supervised"})
 
 #: ``strategy`` -> the :class:`~streamssl.continual.base.StrategyPlugin` it adds to the training
 #: loop (None: naive sequential training, nothing added). Replay and the weight regularizers are

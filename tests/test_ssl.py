@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 from streamssl.config import SSLConfig
+from streamssl.registry import LABELLED_METHODS
 from streamssl.ssl import (
     METHODS,
     build_augment,
@@ -56,9 +57,17 @@ def _t(rows: list[list[float]]) -> torch.Tensor:
 
 
 def _tiny_cfg(method: str, **kw) -> SSLConfig:
-    base = dict(method=method, backbone="small_cnn", width=4, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=16)
+    base = dict(method=method, backbone="small_cnn", width=4, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=16,
+                num_classes=3)
     base.update(kw)
     return SSLConfig(**base)
+
+
+def _forward(m, v1: torch.Tensor, v2: torch.Tensor):
+    """One step's forward with what the method takes: two views, or (supervised) one view and labels."""
+    if m.name in LABELLED_METHODS:
+        return m(v1, labels=torch.arange(v1.shape[0]) % m.num_classes)
+    return m(v1, v2)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -175,7 +184,7 @@ def test_method_learns_on_a_fixed_batch(method):
     opt = torch.optim.SGD(m.trainable_parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(20):
-        out = m(v1, v2)
+        out = _forward(m, v1, v2)
         assert out["loss"].requires_grad and out["loss"].dim() == 0
         assert all(not v.requires_grad for k, v in out.items() if k != "loss")
         opt.zero_grad()
@@ -323,7 +332,7 @@ def test_state_dict_round_trip_weights_only(method, tmp_path):
     torch.manual_seed(0)
     m = build_method(_tiny_cfg(method, queue_size=6), 1)
     x = torch.rand(4, 1, 12, 12)
-    m(x, x.flip(-1))  # fills part of MoCo's queue, moves BN stats
+    _forward(m, x, x.flip(-1))  # fills part of MoCo's queue, moves BN stats
     m.on_after_step()
     path = tmp_path / "ckpt.pt"
     torch.save(m.state_dict(), path)
@@ -345,7 +354,7 @@ def test_bf16_parameters_loss_fp32_and_targets_stay_fp32(method):
         p.data = p.data.to(torch.bfloat16)
     m.bfloat16()  # and what module.bfloat16() does to buffers
     x = torch.rand(4, 1, 12, 12).bfloat16()
-    out = m(x, x.flip(-1))
+    out = _forward(m, x, x.flip(-1))
     assert out["loss"].dtype == torch.float32 and math.isfinite(out["loss"].item())
     out["loss"].backward()
     m.on_after_step()

@@ -143,7 +143,13 @@ def test_shipped_study_configs_expand():
     assert protocols == {"instance", "class_random", "class_distant", "domain", "hpt_source", "class_random-hpt"}
     for p in ("instance", "class_random"):
         assert len(spec.seeds_for(p)) >= 3
-    assert set(spec.strategies) == {"naive", "replay", "mas", "replay+mas", "cassle", "lump"}
+    assert set(spec.strategies) == {"naive", "replay", "mas", "replay+mas", "cassle", "lump", "supervised"}
+    # The supervised baseline runs on naive's protocols and seeds, so its forgetting pairs with naive's.
+    assert ({(c.protocol, c.seed) for c in cells if c.strategy == "supervised"}
+            == {(c.protocol, c.seed) for c in cells if c.strategy == "naive"})
+    assert all(c.config["ssl"]["method"] == ("supervised" if c.strategy == "supervised" else "simclr")
+               for c in cells if c.strategy != "random_init" and c.strategy != "raw_pixels")
+    assert {c.config["optim"]["lr"] for c in cells if c.strategy == "supervised"} == {0.1}
     # Replay cells cost naive's compute (replay rows replace part of the batch); LUMP mixes every
     # row with a replayed one, so its buffer rows come on top and it forwards naive's batch size.
     assert all(c.config["replay"]["mode"] == "replace" for c in cells
@@ -226,3 +232,29 @@ def test_paired_gap_to_joint_has_its_interval_and_test():
     one = paired_t([0.01])
     assert one.mean == 0.01 and math.isnan(one.ci95) and math.isnan(one.p)
     assert paired_t([0.0, 0.0]).p == 1.0 and paired_t([]).n == 0
+
+
+def test_forgetting_against_naive_is_paired_by_seed_with_its_interval():
+    from scipy import stats
+
+    naive_f = [0.02, 0.05, 0.03]
+    sup_f = [0.10, 0.09, 0.12]
+    outcomes = ([_o("p", "naive", s, 0.8, forgetting={"linear": f, "knn": f / 2}) for s, f in enumerate(naive_f)]
+                + [_o("p", "supervised", s, 0.8, forgetting={"linear": f, "knn": f / 2}) for s, f in enumerate(sup_f)])
+    outcomes.append(_o("p", "supervised", 7, 0.8, forgetting={"linear": 0.5}))  # naive did not run seed 7
+    outcomes.append(_o("q", "supervised", 0, 0.8))  # instance-like protocol: no forgetting defined
+    rows = {(r["protocol"], r["strategy"]): r for r in aggregate(outcomes)}
+    sup = rows[("p", "supervised")]
+    d = np.subtract(sup_f, naive_f)
+    assert sup["forgetting_vs_naive_seeds"] == 3
+    assert sup["forgetting_vs_naive_linear"] == pytest.approx(d.mean())
+    assert sup["forgetting_vs_naive_linear_ci95"] == pytest.approx(4.3026527 * d.std(ddof=1) / math.sqrt(3), rel=1e-6)
+    assert sup["forgetting_vs_naive_linear_p"] == pytest.approx(stats.ttest_rel(sup_f, naive_f).pvalue)
+    assert sup["forgetting_vs_naive_knn"] == pytest.approx(d.mean() / 2)
+    assert math.isnan(rows[("p", "naive")]["forgetting_vs_naive_linear"])
+    assert math.isnan(rows[("q", "supervised")]["forgetting_vs_naive_linear"])
+    text = markdown(list(rows.values()), "t")
+    section = text.split("## Forgetting against naive SSL", 1)[1]
+    assert f"| p | supervised | 3 | {100 * d.mean():+.1f} ± " in section and "| q |" not in section
+    # No pair anywhere: no section.
+    assert "Forgetting against naive" not in markdown(aggregate(outcomes[:3]), "t")

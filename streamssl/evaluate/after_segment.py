@@ -312,7 +312,8 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
                   directions: int = SHARPNESS_DIRECTIONS, rho: float = SHARPNESS_RHO,
                   seed: int = SHARPNESS_SEED) -> Any:
     """Sharpness of the config's SSL loss at the checkpoint's weights (a ``SharpnessResult``),
-    or None when ``images`` cannot fill ``batches`` batches of at least 2.
+    or None when ``images`` cannot fill ``batches`` batches of at least 2, or when the method
+    trains on labels (the supervised baseline has no SSL loss to probe).
 
     The method is rebuilt from the config and loaded from ``model.pt`` (heads, momentum networks
     and MoCo queue included). It runs in train mode, as the loss was optimized (BatchNorm on batch
@@ -325,11 +326,12 @@ def ssl_sharpness(cfg: Config, ckpt_dir: str | Path, images: np.ndarray, *, batc
     import torch
 
     from streamssl.evaluate.sharpness import estimate_sharpness
+    from streamssl.registry import LABELLED_METHODS
     from streamssl.ssl import build_augment, build_method
     from streamssl.run import checkpoint as ck
 
     bs = min(cfg.optim.batch_size, SHARPNESS_MAX_BATCH, len(images) // batches)
-    if bs < 2:
+    if bs < 2 or cfg.ssl.method in LABELLED_METHODS:
         return None
     device = eval_device(cfg)
     model = build_method(cfg.ssl, in_channels=cfg.data.channels)

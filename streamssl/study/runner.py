@@ -87,15 +87,16 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
 
 
 def _prepare_datasets(cells: list[Cell]) -> None:
-    """Ingest every dataset the cells need once, before any trial (trials would race to ingest)."""
-    from streamssl.train.driver import ensure_dataset
+    """Ingest every dataset the cells need once, before any trial (trials would race to ingest);
+    a cell that trains on labels (supervised) over a dataset without them fails here too."""
+    from streamssl.train.driver import ensure_dataset, label_classes
 
-    seen: set[str] = set()
+    metas: dict[str, dict[str, Any]] = {}
     for c in cells:
         cfg = config_from_dict(c.config)
-        if cfg.data.dataset_dir not in seen:
-            seen.add(cfg.data.dataset_dir)
-            ensure_dataset(cfg)
+        if cfg.data.dataset_dir not in metas:
+            metas[cfg.data.dataset_dir] = ensure_dataset(cfg)
+        label_classes(cfg, metas[cfg.data.dataset_dir])
 
 
 def collect_outcomes(cells: list[Cell], study_dir: str | Path) -> list[CellOutcome]:

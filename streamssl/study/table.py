@@ -17,6 +17,12 @@ Columns (accuracies as fractions in ``study.csv``, percentages in ``study.md``):
   ``gap_to_joint_<probe>_ci95``: half-width of its 95% confidence interval (Student t with n-1
   degrees of freedom on the paired differences, n >= 2 seeds); ``gap_to_joint_<probe>_p``: the
   two-sided paired t-test's p-value against no difference.
+* ``forgetting_vs_naive_linear`` / ``forgetting_vs_naive_knn``: mean over common seeds of (this
+  cell's forgetting - the ``naive`` SSL cell's of the same protocol and seed), with ``_ci95`` and
+  ``_p`` as for the gap to joint and ``forgetting_vs_naive_seeds`` the number of pairs; positive =
+  forgets more than sequential SSL. On the ``supervised`` row (the same backbone trained with
+  cross-entropy on the same stream) this is the paper's central contrast: Hu et al. find
+  supervised sequential training forgets more.
 * ``gain_over_random_init_linear``: the same against the untrained encoder;
   ``gain_over_raw_pixels_linear`` / ``gain_over_raw_pixels_knn``: against the probes on raw
   pixels (no encoder), the stronger reference on Fashion-MNIST.
@@ -47,6 +53,9 @@ import numpy as np
 
 from streamssl.study.spec import JOINT, RANDOM_INIT, RAW_PIXELS, REFERENCES, Cell
 
+#: The sequential SSL cell (strategy name in the study file) other cells' forgetting is paired with.
+NAIVE = "naive"
+
 PROBES = ("linear", "knn", "fewshot")
 # The same probes on a downstream dataset (eval.transfer_dataset), when the study sets one.
 TRANSFER = ("transfer_linear", "transfer_knn")
@@ -55,6 +64,9 @@ COLUMNS = ("protocol", "strategy", "seeds",
            "transfer_linear_mean", "transfer_knn_mean",
            "forgetting_linear", "forgetting_knn", "gap_to_joint_linear", "gap_to_joint_knn",
            "gap_to_joint_linear_ci95", "gap_to_joint_linear_p", "gap_to_joint_knn_ci95", "gap_to_joint_knn_p",
+           "forgetting_vs_naive_linear", "forgetting_vs_naive_linear_ci95", "forgetting_vs_naive_linear_p",
+           "forgetting_vs_naive_knn", "forgetting_vs_naive_knn_ci95", "forgetting_vs_naive_knn_p",
+           "forgetting_vs_naive_seeds",
            "gain_over_random_init_linear", "gain_over_raw_pixels_linear", "gain_over_raw_pixels_knn",
            "images_processed", "wall_s", "cka_to_joint")
 
@@ -180,6 +192,14 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
     def paired_gap(cells: list[CellOutcome], baseline: str, probe: str) -> float:
         return _mean(paired_diffs(cells, baseline, probe))
 
+    def paired_forgetting_diffs(cells: list[CellOutcome], baseline: str, probe: str) -> list[float]:
+        diffs = []
+        for o in cells:
+            ref = by_seed.get((o.protocol, baseline, o.seed))
+            if ref is not None:
+                diffs.append(o.forgetting.get(probe, float("nan")) - ref.forgetting.get(probe, float("nan")))
+        return diffs
+
     rows = []
     for (protocol, strategy), cells in groups.items():
         row: dict[str, Any] = {"protocol": protocol, "strategy": strategy, "seeds": len(cells)}
@@ -194,6 +214,12 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
             row[f"gap_to_joint_{p}"] = stats.mean
             row[f"gap_to_joint_{p}_ci95"] = stats.ci95
             row[f"gap_to_joint_{p}_p"] = stats.p
+            vs_naive = paired_t(paired_forgetting_diffs(cells, NAIVE, p)) if strategy != NAIVE else PairedStats()
+            row[f"forgetting_vs_naive_{p}"] = vs_naive.mean
+            row[f"forgetting_vs_naive_{p}_ci95"] = vs_naive.ci95
+            row[f"forgetting_vs_naive_{p}_p"] = vs_naive.p
+            if p == "linear":
+                row["forgetting_vs_naive_seeds"] = vs_naive.n
         row["gain_over_random_init_linear"] = (float("nan") if strategy in REFERENCES
                                                else paired_gap(cells, RANDOM_INIT, "linear"))
         for p in ("linear", "knn"):
@@ -230,10 +256,10 @@ def _pp(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}"
 
 
-def _gap(r: dict[str, Any], probe: str) -> str:
+def _gap(r: dict[str, Any], probe: str, key: str = "gap_to_joint") -> str:
     """``-0.7 ± 0.5 (p=0.03)``: the paired gap with its 95% CI half-width and p-value when defined."""
-    text = _pp(r[f"gap_to_joint_{probe}"])
-    ci, p = r.get(f"gap_to_joint_{probe}_ci95", float("nan")), r.get(f"gap_to_joint_{probe}_p", float("nan"))
+    text = _pp(r[f"{key}_{probe}"])
+    ci, p = r.get(f"{key}_{probe}_ci95", float("nan")), r.get(f"{key}_{probe}_p", float("nan"))
     if math.isfinite(ci):
         text += f" ± {100 * ci:.1f}"
     if math.isfinite(p):
@@ -276,4 +302,24 @@ def markdown(rows: Sequence[dict[str, Any]], title: str = "Study") -> str:
               "forward + backward passes in training, replay and importance passes included; joint "
               "retrains from scratch after every segment. Transfer: the same probes fitted on a downstream "
               "dataset's train split and scored on its test split (eval.transfer_dataset; n/a without one).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _forgetting_vs_naive(rows))
+
+
+def _forgetting_vs_naive(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The section comparing each cell's forgetting with naive SSL's (empty when nothing pairs)."""
+    paired = [r for r in rows if r.get("forgetting_vs_naive_seeds", 0)
+              and (math.isfinite(r["forgetting_vs_naive_linear"]) or math.isfinite(r["forgetting_vs_naive_knn"]))]
+    if not paired:
+        return []
+    lines = ["## Forgetting against naive SSL", "",
+             "| protocol | strategy | seeds paired | forgetting - naive's, linear (pp) | kNN (pp) |",
+             "|---|---|---:|---:|---:|"]
+    for r in paired:
+        lines.append(f"| {r['protocol']} | {r['strategy']} | {r['forgetting_vs_naive_seeds']} | "
+                     f"{_gap(r, 'linear', 'forgetting_vs_naive')} | {_gap(r, 'knn', 'forgetting_vs_naive')} |")
+    lines += ["", "Paired by seed against the naive SSL cell of the same protocol (± the 95% CI half-width, "
+              "Student t over the common seeds, and the paired t-test's p-value); positive = forgets more than "
+              "sequential SSL. The supervised row trains the same backbone with cross-entropy on the same "
+              "stream's labels (ssl.method supervised), evaluated with the same probes: Hu et al. (ICLR 2022) "
+              "find it forgets more than SSL.", ""]
+    return lines

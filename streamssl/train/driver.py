@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from streamssl.config import Config
 from streamssl.continual.base import ExtraRows, SegmentData
+from streamssl.registry import LABELLED_METHODS, SSL_METHODS
 from streamssl.run import checkpoint as ck
 from streamssl.run.config_file import load_run_config, save_run_config
 from streamssl.run.jsonio import float_or_nan
@@ -69,7 +70,31 @@ def ensure_dataset(cfg: Config) -> dict[str, Any]:
         if have != want:
             raise ValueError(f"data.derive_domains={cfg.data.derive_domains!r} but {cfg.data.dataset_dir} was "
                              f"ingested with {have!r}: use another data.dataset_dir or re-ingest")
+    label_classes(cfg, meta)
     return meta
+
+
+def label_classes(cfg: Config, meta: dict[str, Any]) -> int | None:
+    """Classes of a labelled method's head (``ssl.num_classes``, else the dataset's); None for SSL.
+
+    A method that trains on labels (:data:`~streamssl.registry.LABELLED_METHODS`) needs every
+    image of the streamed train split labelled, with at least two classes, and a head covering
+    every class the dataset has; anything else fails here, before a worker starts.
+    """
+    if cfg.ssl.method not in LABELLED_METHODS:
+        return None
+    have = int(meta.get("num_classes", len(meta.get("classes") or [])))
+    unlabelled = int((meta.get("unlabeled") or {}).get("train", 0))
+    if have < 2 or unlabelled:
+        what = ("has no labels" if have == 0 else f"has only {have} class" if have < 2
+                else f"has {unlabelled} unlabelled train images")
+        raise ValueError(f"ssl.method {cfg.ssl.method!r} trains on labels, but {cfg.data.dataset_dir} {what}: "
+                         f"it needs a fully labelled train split with >= 2 classes (or choose an SSL method: "
+                         f"{', '.join(m for m in SSL_METHODS if m not in LABELLED_METHODS)})")
+    if cfg.ssl.num_classes is not None and cfg.ssl.num_classes < have:
+        raise ValueError(f"ssl.num_classes={cfg.ssl.num_classes} but {cfg.data.dataset_dir} has {have} classes; "
+                         "leave it unset to take the dataset's")
+    return cfg.ssl.num_classes or have
 
 
 def ensure_plan(cfg: Config, run_dir: str | Path) -> tuple[pa.Table, dict[str, Any]]:
@@ -236,6 +261,10 @@ class StreamRunner:
         print(f"run directory: {run_dir}", flush=True)
 
         dataset_meta = ensure_dataset(cfg)
+        classes = label_classes(cfg, dataset_meta)
+        if classes is not None and cfg.ssl.num_classes != classes:  # the run's config records the head it trains
+            cfg.ssl.num_classes = classes
+            save_run_config(run_dir, cfg)
         plan, plan_meta = ensure_plan(cfg, run_dir)
         num_segments = int(plan_meta["num_segments"])
         self._init_ray()

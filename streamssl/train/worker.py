@@ -53,6 +53,7 @@ from torch import nn
 from streamssl.config import Config
 from streamssl.continual.context import OWN_ROWS, SegmentContext, StepContext
 from streamssl.devices import compute_device
+from streamssl.registry import LABELLED_METHODS
 from streamssl.run import checkpoint as ck
 from streamssl.run.layout import RunLayout, segment_name
 from streamssl.train import elastic
@@ -87,8 +88,8 @@ class TrainedModules(nn.Module):
         self.method = method
         self.plugins = nn.ModuleDict({name: nn.ModuleDict(mods) for name, mods in plugin_modules.items() if mods})
 
-    def forward(self, *views: torch.Tensor) -> StepOutput:
-        return self.method(*views)
+    def forward(self, *views: torch.Tensor, **inputs: torch.Tensor) -> StepOutput:
+        return self.method(*views, **inputs)  # inputs: the batch's labels, for labelled methods only
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.method.trainable_parameters() + [p for p in self.plugins.parameters() if p.requires_grad]
@@ -210,6 +211,30 @@ class FirstBatchAhead:
         return first
 
 
+def replacement_rows(valid: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose image failed to decode, the random valid rows of the same batch replacing them)."""
+    bad = np.flatnonzero(~valid)
+    if bad.size == 0:
+        return bad, bad
+    good = np.flatnonzero(valid)
+    if good.size == 0:
+        raise RuntimeError("a whole batch failed to decode")
+    return bad, rng.choice(good, size=bad.size)
+
+
+def replace_rows(x: Any, bad: np.ndarray, pick: np.ndarray) -> Any:
+    """``x`` (a numpy array or a tensor) with rows ``bad`` overwritten by rows ``pick`` (a copy)."""
+    if bad.size == 0:
+        return x
+    if isinstance(x, torch.Tensor):
+        x = x.clone()
+        x[torch.as_tensor(bad, device=x.device)] = x[torch.as_tensor(pick, device=x.device)]
+    else:
+        x = x.copy()
+        x[bad] = x[pick]
+    return x
+
+
 def repair_invalid(images: Any, valid: np.ndarray, rng: np.random.Generator) -> tuple[Any, int]:
     """Replace rows whose image failed to decode by random valid rows of the same batch.
 
@@ -217,20 +242,8 @@ def repair_invalid(images: Any, valid: np.ndarray, rng: np.random.Generator) -> 
     while never training on a zero image. ``images`` is a numpy array or (``data.decode:
     worker``) a tensor on the worker's device. Returns (images, number replaced).
     """
-    bad = np.flatnonzero(~valid)
-    if bad.size == 0:
-        return images, 0
-    good = np.flatnonzero(valid)
-    if good.size == 0:
-        raise RuntimeError("a whole batch failed to decode")
-    pick = rng.choice(good, size=bad.size)
-    if isinstance(images, torch.Tensor):
-        images = images.clone()
-        images[torch.as_tensor(bad, device=images.device)] = images[torch.as_tensor(pick, device=images.device)]
-    else:
-        images = images.copy()
-        images[bad] = images[pick]
-    return images, int(bad.size)
+    bad, pick = replacement_rows(valid, rng)
+    return replace_rows(images, bad, pick), int(bad.size)
 
 
 class BatchSource:
@@ -250,22 +263,30 @@ class BatchSource:
         self.train, self.extras, self.rng, self.decode = train, list(extras), rng, decode
         self.skipped = 0
 
-    def _take(self, it: Iterator[dict[str, np.ndarray]]) -> Any:
+    def _take(self, it: Iterator[dict[str, np.ndarray]]) -> tuple[Any, np.ndarray]:
+        """(images, labels) of the next batch; a repaired row takes its replacement's label too."""
         batch = next(it)
         images, valid = self.decode(batch) if self.decode is not None else (batch["image"], batch["valid"].astype(bool))
-        imgs, n_bad = repair_invalid(images, valid, self.rng)
-        self.skipped += n_bad
-        return imgs
+        bad, pick = replacement_rows(valid, self.rng)
+        self.skipped += int(bad.size)
+        labels = np.asarray(batch["label"]) if "label" in batch else np.full(len(valid), -1, np.int32)
+        return replace_rows(images, bad, pick), replace_rows(labels, bad, pick)
 
     def own(self) -> np.ndarray:
-        return self._writeable(self._take(self.train))
+        return self._writeable(self._take(self.train)[0])
 
     def mixed(self) -> np.ndarray:
-        imgs = self._take(self.train)
+        return self.mixed_labelled()[0]
+
+    def mixed_labelled(self) -> tuple[Any, np.ndarray]:
+        """The training batch (own rows, then each extra dataset's) and its rows' labels (-1: none)."""
+        imgs, labels = self._take(self.train)
         if self.extras:
-            parts = [imgs, *(self._take(it) for it in self.extras)]
+            taken = [(imgs, labels), *(self._take(it) for it in self.extras)]
+            parts = [i for i, _ in taken]
             imgs = torch.cat(parts) if isinstance(imgs, torch.Tensor) else np.concatenate(parts)
-        return self._writeable(imgs)
+            labels = np.concatenate([lab for _, lab in taken])
+        return self._writeable(imgs), labels
 
     @staticmethod
     def _writeable(imgs: Any) -> Any:
@@ -828,14 +849,17 @@ def _optimizer_step(work: _SegmentWork, step: int) -> tuple[StepOutput, dict[str
     accum = work.cfg.optim.grad_accum_steps
     for micro in range(accum):
         t_data = time.perf_counter()
-        imgs = work.data.mixed()
+        imgs, labels = work.data.mixed_labelled()
         work.data_wait_s += time.perf_counter() - t_data
         x = work.views.to_device(imgs)
         ctx = StepContext(clock=work.clock(step), views=list(work.views(x, step * accum + micro)),
                           rows=work.row_sources(),
                           model=work.module, rank=work.rank, world=work.fit.world, seed=work.cfg.seed)
         strategy.before_step(ctx)
-        out = ctx.output = work.engine(*ctx.views)
+        # Labels reach the loss of a supervised baseline only; SSL methods never see them.
+        inputs = ({"labels": torch.from_numpy(labels).to(x.device, torch.long, non_blocking=True)}
+                  if work.cfg.ssl.method in LABELLED_METHODS else {})
+        out = ctx.output = work.engine(*ctx.views, **inputs)
         terms = strategy.loss_terms(ctx)
         work.engine.backward(out["loss"] + sum(terms.values()) if terms else out["loss"])
         work.engine.step()
