@@ -75,7 +75,11 @@ def test_stream_on_s3_killed_resumed_and_evaluated(tmp_path, s3_server, ray_loca
 
     metas = [ck.read_meta(c["checkpoint_dir"]) for c in state["completed"]]
     assert metas[1]["init_digest"] == metas[0]["final_digest"], "segment 1 did not start from segment 0's weights"
-    assert metas[1]["init_source"].startswith("segment checkpoint s3://")
+    # Segment 1 was either retrained after the resume from segment 0's weights in the bucket, or
+    # (when its few steps ended and the driver published it before the kill) kept as published:
+    # a published segment is never trained again.
+    assert (metas[1]["init_source"].startswith("segment checkpoint s3://")
+            or metas[1]["init_source"] == "segment 0 (same Ray Train run)"), metas[1]["init_source"]
     assert state["completed"][1]["metrics"]["data/replay_rows"] > 0  # replay state restored from the bucket
 
     out = subprocess.run([*cli, "eval", run], cwd=work, env=env, capture_output=True, text=True, timeout=600)
