@@ -457,3 +457,26 @@ def test_submit_trains_on_a_second_node_joined_with_ray_start(tiny_dataset, tmp_
     assert [c["segment"] for c in state["completed"]] == [0, 1]
     metas = [json.loads((run_dir / "checkpoints" / f"segment-{t:03d}" / "meta.json").read_text()) for t in (0, 1)]
     assert metas[1]["init_digest"] == metas[0]["final_digest"]
+
+
+def test_a_head_without_its_job_agent_yet_is_asked_again():
+    from streamssl.jobs.submission import with_agent_retry
+
+    calls: list[int] = []
+
+    def submit_job() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later.")
+        return "raysubmit_1"
+
+    assert with_agent_retry(submit_job, wait_s=5, every_s=0.01) == "raysubmit_1" and len(calls) == 3
+    calls.clear()
+
+    def refused() -> str:
+        calls.append(1)
+        raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        with_agent_retry(refused, wait_s=5, every_s=0.01)
+    assert len(calls) == 1  # any other error is raised at once

@@ -126,6 +126,17 @@ def test_stream_driver_killed_then_resumed(tmp_path, tiny_dataset, ray_local):
     assert feats.shape == (4, enc.feature_dim) and enc.input_spec.image_size == 16
 
 
+def _in_cluster(proc, gcs_address: str) -> bool:
+    """Whether ``proc`` was started by a raylet of the cluster whose GCS is ``gcs_address``."""
+    import psutil
+
+    try:
+        parent = proc.parent()
+        return parent is not None and f"--gcs-address={gcs_address}" in parent.cmdline()
+    except psutil.Error:
+        return False
+
+
 def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path, tiny_dataset, ray_local):
     """Both segments run in one Ray Train run; a worker killed in segment 1 makes Ray Train restart
     the group from segment 1's latest in-segment checkpoint, not from segment 0."""
@@ -148,9 +159,11 @@ def test_worker_killed_mid_segment_restarts_from_in_segment_checkpoint(tmp_path,
             # controller records registered checkpoints in its manager snapshot, so wait for that.
             snaps = list(run_dir.glob("ray/*/checkpoint_manager_snapshot.json"))
             if snaps and "segment-001-step-00000" in snaps[0].read_text():
-                # Ray names worker processes after the actor class ("ray::RayTrainWorker...").
+                # Ray names worker processes after the actor class ("ray::RayTrainWorker..."); only
+                # this cluster's (its raylet names our GCS), not another Ray run's on this machine.
                 workers = [p.pid for p in psutil.process_iter(["cmdline"])
-                           if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+                           if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+                           and _in_cluster(p, ray_local)]
                 if workers:
                     os.kill(workers[-1], signal.SIGKILL)
                     killed["pid"] = workers[-1]

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from streamssl.jobs.dashboard import connect, normalize_address
 from streamssl.jobs.follow import EXIT_INTERRUPTED, TERMINAL, exit_code, follow_job, job_status
@@ -68,10 +70,10 @@ def submit(
     url = normalize_address(address)
     client = connect(url, connect_timeout_s)
     try:
-        job_id = client.submit_job(
+        job_id = with_agent_retry(lambda: client.submit_job(
             entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=spec.metadata,
             submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus)
+            entrypoint_num_gpus=entrypoint_num_gpus))
     except Exception as e:  # HTTP/auth/runtime-env validation errors, all named for the user
         raise SubmitError(f"submitting to {url} failed: {e}") from None
     print(f"submitted job {job_id} to {url}: {spec.entrypoint}", file=out)
@@ -81,6 +83,26 @@ def submit(
     if not follow:
         return SubmitResult(job_id, url, spec.entrypoint, job_status(client, job_id)[0], 0)
     return _follow_to_end(client, job_id, url, spec.entrypoint, out, timeout_s)
+
+
+T = TypeVar("T")
+
+# A head whose dashboard answers before its job agent is up (a head that just started, or a
+# loaded one) refuses submissions with this message and asks to try again later.
+NO_AGENT_MESSAGE = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
+
+def with_agent_retry(call: Callable[[], T], wait_s: float = AGENT_WAIT_S, every_s: float = 2.0) -> T:
+    """``call()``, repeated while the head has no job agent yet, for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 (only the no-agent refusal is retried)
+            if NO_AGENT_MESSAGE not in str(e) or time.monotonic() + every_s > deadline:
+                raise
+        time.sleep(every_s)
 
 
 def _follow_to_end(client: Any, job_id: str, url: str, entrypoint: str, out: TextIO,
