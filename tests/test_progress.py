@@ -185,3 +185,23 @@ def test_a_closed_board_reads_as_empty(ray_local):
     board.close()
     board._closed = False  # as in a restored sweep's unpickled trial table: the queue actor is gone
     assert board.latest() == {} and board._closed
+
+
+def test_the_trial_table_pickles_without_its_board(ray_local):
+    """Tune pickles its callbacks into the experiment state; a study or sweep resumed in a new
+    process (a new Ray cluster) must be able to unpickle them, so no actor handle goes along."""
+    import pickle
+
+    from streamssl.tune import reporter
+
+    board = reporter.ProgressBoard(every_s=0)
+    try:
+        table = reporter.TrialTable(metric=None, mode=None, param_space={}, progress_metrics=["segment"],
+                                    board=board, every_s=30.0)
+        state = pickle.dumps(table)
+        assert table.board is board  # the live table keeps it
+    finally:
+        board.close()
+    restored = pickle.loads(state)
+    assert restored.board is None and restored.every_s == 30.0
+    assert b"ray.util.queue" not in state and b"ActorHandle" not in state

@@ -138,6 +138,13 @@ if TuneTerminalReporter is not None:
             self._progress: dict[str, str] = {}  # trial id -> its newest progress line, not yet printed
             self._progress_at: dict[str, float] = {}  # trial id -> when its last line was printed
 
+        def __getstate__(self) -> dict[str, Any]:
+            """Tune pickles its callbacks into the experiment state; the board's queue actor dies with
+            this process, and a restore in a new one could not unpickle its handle: leave it out."""
+            state = self.__dict__.copy()
+            state["board"] = None
+            return state
+
         def print_progress(self, trials: list[Any], now: float) -> None:
             """Each running trial's newest in-segment progress, at most every ``every_s`` seconds."""
             if self.board is not None:
