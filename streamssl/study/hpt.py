@@ -34,7 +34,7 @@ from streamssl.study.hpt_design import (
     source_cell_id,
 )
 from streamssl.study.spec import Cell, cell_config
-from streamssl.study.table import CellOutcome
+from streamssl.study.table import CellOutcome, csv_value
 
 HPT_PROBES = ("linear", "knn")
 HPT_COLUMNS = ("protocol", "variant", "probe", "seeds", "reached", "images_to_reach_mean", "images_to_reach_per_seed",
@@ -163,8 +163,7 @@ def write_hpt_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         w = csv.DictWriter(f, fieldnames=list(HPT_COLUMNS))
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
-                            (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+            w.writerow({k: csv_value(v) for k, v in r.items()})
     return path
 
 

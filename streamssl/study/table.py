@@ -181,24 +181,17 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
         groups.setdefault((o.protocol, o.strategy), []).append(o)
     by_seed = {(o.protocol, o.strategy, o.seed): o for o in outcomes}
 
-    def paired_diffs(cells: list[CellOutcome], baseline: str, probe: str) -> list[float]:
+    def paired_diffs(cells: list[CellOutcome], baseline: str, probe: str, measure: str = "final") -> list[float]:
+        """Per common seed: the cell's ``measure`` (``final`` or ``forgetting``) minus the baseline's."""
         diffs = []
         for o in cells:
             ref = by_seed.get((o.protocol, baseline, o.seed))
             if ref is not None:
-                diffs.append(o.final.get(probe, float("nan")) - ref.final.get(probe, float("nan")))
+                diffs.append(getattr(o, measure).get(probe, float("nan")) - getattr(ref, measure).get(probe, float("nan")))
         return diffs
 
     def paired_gap(cells: list[CellOutcome], baseline: str, probe: str) -> float:
         return _mean(paired_diffs(cells, baseline, probe))
-
-    def paired_forgetting_diffs(cells: list[CellOutcome], baseline: str, probe: str) -> list[float]:
-        diffs = []
-        for o in cells:
-            ref = by_seed.get((o.protocol, baseline, o.seed))
-            if ref is not None:
-                diffs.append(o.forgetting.get(probe, float("nan")) - ref.forgetting.get(probe, float("nan")))
-        return diffs
 
     rows = []
     for (protocol, strategy), cells in groups.items():
@@ -214,7 +207,7 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
             row[f"gap_to_joint_{p}"] = stats.mean
             row[f"gap_to_joint_{p}_ci95"] = stats.ci95
             row[f"gap_to_joint_{p}_p"] = stats.p
-            vs_naive = paired_t(paired_forgetting_diffs(cells, NAIVE, p)) if strategy != NAIVE else PairedStats()
+            vs_naive = paired_t(paired_diffs(cells, NAIVE, p, "forgetting")) if strategy != NAIVE else PairedStats()
             row[f"forgetting_vs_naive_{p}"] = vs_naive.mean
             row[f"forgetting_vs_naive_{p}_ci95"] = vs_naive.ci95
             row[f"forgetting_vs_naive_{p}_p"] = vs_naive.p
@@ -233,6 +226,13 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
     return rows
 
 
+def csv_value(v: Any) -> Any:
+    """A table value as written to CSV: floats to 6 significant digits, NaN (undefined) empty."""
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else ""
+    return v
+
+
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """``study.csv``: fractions as they are; NaN (undefined) as an empty cell."""
     path = Path(path)
@@ -240,8 +240,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
-                            (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items() if k in COLUMNS})
+            w.writerow({k: csv_value(v) for k, v in r.items() if k in COLUMNS})
     return path
 
 
