@@ -4,6 +4,9 @@
 so modules share it). It yields the cluster's address, which other processes (a CLI subprocess,
 ``ray.init(address=...)``) can attach to. num_cpus=2 matches the CI machines; Ray Train tests must
 size workers below one CPU each (the 2-core deadlock in docs/stack-notes.md) so Ray Data keeps a CPU.
+
+``one_torch_thread``: a module of tiny-tensor tests runs torch on one intra-op thread (they gain
+nothing from more, and the 2-core box is shared); the previous count is restored after the module.
 """
 
 from __future__ import annotations
@@ -34,3 +37,13 @@ def ray_local() -> Iterator[str]:
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

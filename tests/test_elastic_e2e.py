@@ -19,30 +19,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session fixture)
+from tests.multinode import TRAIN_NODE, wait_for
 from tests.tiny_stream import image_folder, ingest_folder, stream_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, CKPT_EVERY, GLOBAL_BATCH = 300, 20, 16
-NODE = {"num_cpus": 1, "resources": {"train_node": 1}, "object_store_memory": 150 << 20}
-
-
-def _wait(what: str, cond, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"driver exited while waiting for {what}:\n{proc.stdout.read()[-6000:]}")
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def _registered(run: Path) -> str:
@@ -70,7 +59,7 @@ def test_an_elastic_group_grows_and_shrinks_mid_segment(tmp_path, mlflow_server)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 200 << 20,
                                                             "include_dashboard": False})
     try:
-        train_nodes = [cluster.add_node(**NODE)]
+        train_nodes = [cluster.add_node(**TRAIN_NODE)]
         cluster.wait_for_nodes()
         experiment = f"elastic-{tmp_path.name}"
         cfg = {"name": "elastic", **stream_config(
@@ -86,12 +75,12 @@ def test_an_elastic_group_grows_and_shrinks_mid_segment(tmp_path, mlflow_server)
                                 env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         try:
-            _wait("segment 0's first registered checkpoint", lambda: _registered(run).startswith("segment-000-step-"),
-                  proc, 600)
-            train_nodes.append(cluster.add_node(**NODE))  # room for a second worker: the group grows
+            wait_for("segment 0's first registered checkpoint",
+                     lambda: _registered(run).startswith("segment-000-step-"), proc, 600)
+            train_nodes.append(cluster.add_node(**TRAIN_NODE))  # room for a second worker: the group grows
             # (registered by the controller, so the restart continues segment 1 from it)
-            _wait("segment 1's first registered checkpoint at 2 workers",
-                  lambda: _registered(run).startswith("segment-001-step-"), proc, 900)
+            wait_for("segment 1's first registered checkpoint at 2 workers",
+                     lambda: _registered(run).startswith("segment-001-step-"), proc, 900)
             cluster.remove_node(train_nodes[0], allow_graceful=False)  # a node is lost: the group shrinks
             stdout, _ = proc.communicate(timeout=900)
         finally:

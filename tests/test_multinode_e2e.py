@@ -22,13 +22,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.mlflow_server import mlflow_server  # noqa: F401  (session fixture)
+from tests.multinode import TRAIN_NODE, wait_for
 from tests.s3_server import s3_server  # noqa: F401  (session fixture)
 from tests.tiny_stream import image_folder, stream_config
 
@@ -36,17 +36,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 1200
-NODE = {"num_cpus": 1, "resources": {"train_node": 1}, "object_store_memory": 150 << 20}
-
-
-def _wait(what: str, cond, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"driver exited while waiting for {what}:\n{proc.stdout.read()[-6000:]}")
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_stream_survives_losing_a_training_node(tmp_path, s3_server, mlflow_server, monkeypatch):  # noqa: F811
@@ -72,7 +61,7 @@ def test_stream_survives_losing_a_training_node(tmp_path, s3_server, mlflow_serv
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 200 << 20,
                                                             "include_dashboard": False})
     try:
-        train_nodes = [cluster.add_node(**NODE) for _ in range(2)]
+        train_nodes = [cluster.add_node(**TRAIN_NODE) for _ in range(2)]
         cluster.wait_for_nodes()
         experiment = f"multinode-{tmp_path.name}"
         cfg = {"name": "multinode", **stream_config(
@@ -87,7 +76,7 @@ def test_stream_survives_losing_a_training_node(tmp_path, s3_server, mlflow_serv
                                 start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         state = Location(run) / "state.json"
         try:
-            _wait("segment 0 recorded", lambda: state.is_file() and state.read_json()["completed"], proc, 600)
+            wait_for("segment 0 recorded", lambda: state.is_file() and state.read_json()["completed"], proc, 600)
             notice = subprocess.run(
                 [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
                  "--node-id", train_nodes[0].node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
@@ -100,9 +89,9 @@ def test_stream_survives_losing_a_training_node(tmp_path, s3_server, mlflow_serv
                 saved[:] = [k for k in s3.list("multinode", "runs/x/ray") if "/segment-001-step-" in k]
                 return bool(saved)
 
-            _wait("the checkpoint written on the preemption notice", preemption_checkpoint, proc, 300)
+            wait_for("the checkpoint written on the preemption notice", preemption_checkpoint, proc, 300)
             cluster.remove_node(train_nodes[0], allow_graceful=False)  # the instance is gone
-            cluster.add_node(**NODE)  # its replacement joins
+            cluster.add_node(**TRAIN_NODE)  # its replacement joins
             stdout, _ = proc.communicate(timeout=900)
         finally:
             if proc.poll() is None:

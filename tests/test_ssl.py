@@ -43,13 +43,7 @@ from streamssl.ssl.mocov2 import MoCoV2
 from streamssl.ssl.simclr import SimCLR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and the 2-core box is shared; restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:

@@ -17,12 +17,7 @@ from streamssl.train.worker import BatchSource, TrainedModules
 from tests.synthetic import class_pattern, png_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _method(num_classes: int = 3) -> Supervised:
