@@ -86,6 +86,28 @@ def test_a_bad_cell_fails_before_anything_runs_and_names_the_cell(tmp_path):
         load_study(_write(tmp_path, study))
 
 
+def test_a_resumed_study_takes_added_reference_cells_and_refuses_other_changes(tmp_path):
+    from streamssl.study.runner import cells_outside_grid
+
+    study = {"base": _base(), "protocols": {"instance": {}}, "strategies": {"naive": {}}, "seeds": [0, 1],
+             "baselines": ["joint", "random_init"]}
+    _, started = load_study(_write(tmp_path, study))
+    grid = [c.id for c in started]
+    assert cells_outside_grid(started, grid, "s.yaml") == []
+    study["baselines"] = ["joint", "random_init", "raw_pixels"]  # a reference row added: evaluated outside
+    _, now = load_study(_write(tmp_path, study))
+    assert [c.id for c in cells_outside_grid(now, grid, "s.yaml")] == ["instance--raw_pixels--s0",
+                                                                       "instance--raw_pixels--s1"]
+    study["seeds"] = [0, 1, 2]  # new cells that train: the Tune grid cannot grow
+    _, more = load_study(_write(tmp_path, study))
+    with pytest.raises(ValueError, match=r"s\.yaml.*new cells that train: \['instance--naive--s2'.*--out"):
+        cells_outside_grid(more, grid, "s.yaml")
+    study["seeds"], study["baselines"] = [0, 1], ["random_init"]  # a cell gone
+    _, fewer = load_study(_write(tmp_path, study))
+    with pytest.raises(ValueError, match=r"no longer in the file: \['instance--joint--s0'"):
+        cells_outside_grid(fewer, grid, "s.yaml")
+
+
 def test_base_file_is_resolved_next_to_the_study(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(_base()))
     _, cells = load_study(_write(tmp_path, {"base": "run.yaml", "protocols": {"instance": {}},
@@ -136,7 +158,10 @@ def test_table_files(tmp_path):
 def test_shipped_study_configs_expand():
     for name in ("study_fashion_mnist.yaml", "study_smoke.yaml"):
         spec, cells = load_study(ROOT / "configs" / name)
-        assert any(c.strategy == "joint" for c in cells) and any(c.strategy == "random_init" for c in cells)
+        # every table carries both reference rows, on every protocol and seed a strategy runs on
+        for ref in ("joint", "random_init", "raw_pixels"):
+            assert ({(c.protocol, c.seed) for c in cells if c.strategy == ref}
+                    >= {(c.protocol, c.seed) for c in cells if c.strategy == "naive"}), (name, ref)
     spec, cells = load_study(ROOT / "configs" / "study_fashion_mnist.yaml")
     protocols = {c.protocol for c in cells}
     # the hpt section's cells (tests/test_study_hpt.py) come under their own protocol labels
@@ -168,8 +193,8 @@ def test_shipped_study_configs_expand():
 @pytest.mark.ray
 def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
     """configs/study_smoke.yaml on synthetic images: naive, joint, random init and raw pixels for one seed,
-    the table and figures, one MLflow study run above the stream runs, and a resume that trains
-    nothing again."""
+    the table and figures, one MLflow study run above the stream runs, and resumes that train
+    nothing again (the first adds the raw-pixel reference row to a study started without it)."""
     from mlflow.tracking import MlflowClient
 
     from streamssl.study import run_study
@@ -177,7 +202,15 @@ def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
     out = tmp_path / "study"
     overrides = [f"data.dataset_dir={tiny_dataset}", "data.source=folder", "data.image_size=16",
                  "stream.max_images_per_segment=null", f"scaling.ray_address={ray_local}"]
-    summary = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides)
+    # Started without the raw-pixel row; the resume below adds it (evaluated outside the Tune grid).
+    smoke = yaml.safe_load((ROOT / "configs" / "study_smoke.yaml").read_text())
+    without_raw = _write(tmp_path, {**smoke, "baselines": ["joint", "random_init"]}, "smoke_no_raw.yaml")
+    first = run_study(without_raw, out, overrides=overrides)
+    assert first["errors"] == {} and first["finished"] == first["cells"] == 3
+    ckpt = out / "trials" / "class_random--naive--s0" / "checkpoints" / "segment-001" / "meta.json"
+    before = ckpt.stat().st_mtime_ns
+    summary = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides, resume=True)
+    assert ckpt.stat().st_mtime_ns == before  # nothing was trained again
     assert summary["errors"] == {} and summary["finished"] == summary["cells"] == 4
     rows = {r["strategy"]: r for r in summary["rows"]}
     assert set(rows) == {"naive", "joint", "random_init", "raw_pixels"}
@@ -207,8 +240,6 @@ def test_smoke_study_end_to_end_and_resume(ray_local, tiny_dataset, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(study_run.info.run_id)}
     assert {"study.md", "study.csv", "plots"} <= artifacts
 
-    ckpt = out / "trials" / "class_random--naive--s0" / "checkpoints" / "segment-001" / "meta.json"
-    before = ckpt.stat().st_mtime_ns
     again = run_study(ROOT / "configs" / "study_smoke.yaml", out, overrides=overrides, resume=True)
     assert again["finished"] == 4 and again["errors"] == {}
     assert ckpt.stat().st_mtime_ns == before  # nothing was trained again

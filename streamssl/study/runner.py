@@ -11,7 +11,11 @@ compares, it does not search), and each cell's run directory is named after the 
 
 Resume: Tune keeps finished trials and runs the rest; a trial whose stream had already finished
 (``results.json`` present) only reports it again, and an interrupted stream continues from its
-last completed segment. No finished segment or cell is ever trained twice.
+last completed segment. No finished segment or cell is ever trained twice. A Tune experiment
+cannot grow, so a resumed study refuses a study file that now expands to other cells, with one
+exception: reference cells (random init, raw pixels) added since the grid started train nothing,
+and the driver evaluates them itself after the grid (``tune/grid_cells.json`` keeps which cells
+the Tune grid holds).
 
 With a ``tuning`` section, the tuning stage (:mod:`streamssl.study.tuning`) runs first and the
 cells run with its chosen values; a resumed study reads a finished stage back. With an ``hpt``
@@ -55,6 +59,33 @@ def _report_final(run_dir: Path) -> None:
     tune.report(tune_result(len(run.segments) - 1, run.final_metrics))
 
 
+def evaluate_reference(cell: Cell, study_dir: str | Path, tracking_uri: str | None) -> dict[str, float]:
+    """A reference cell's metrics (the untrained encoder or raw pixels), evaluated once into its run
+    directory; called again, it reads them back."""
+    from streamssl.evaluate.random_init import random_init_metrics, raw_pixels_metrics
+
+    run_dir = Path(study_dir) / "trials" / cell.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    evaluate = random_init_metrics if cell.strategy == RANDOM_INIT else raw_pixels_metrics
+    return evaluate(cell_config(cell, str(run_dir), tracking_uri), run_dir)
+
+
+def cells_outside_grid(cells: list[Cell], grid_ids: list[str], source: str | Path) -> list[Cell]:
+    """The cells of a resumed study that its Tune grid (``grid_ids``) lacks: reference cells added to
+    the study file since the grid started, which the driver evaluates itself. Any other difference
+    (a cell gone, a trained cell added) is refused: a Tune experiment cannot change its grid."""
+    now = {c.id for c in cells}
+    gone = [cid for cid in grid_ids if cid not in now]
+    added = [c for c in cells if c.id not in set(grid_ids)]
+    trained = [c.id for c in added if c.strategy not in REFERENCES]
+    if gone or trained:
+        raise ValueError(f"{source} now expands to other cells than the study it resumes "
+                         f"(no longer in the file: {gone or 'none'}; new cells that train: {trained or 'none'}); "
+                         f"only reference cells ({', '.join(REFERENCES)}) can be added to a resumed study; "
+                         "start a new --out")
+    return added
+
+
 def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], study_dir: str,
                  tracking_uri: str | None, study_run_id: str | None, progress: Any = None) -> None:
     from ray import tune
@@ -69,12 +100,7 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
     run_dir = Path(study_dir) / "trials" / cell.id
     cfg = cell_config(cell, str(run_dir), tracking_uri)
     if cell.strategy in REFERENCES:
-        from streamssl.evaluate.random_init import random_init_metrics, raw_pixels_metrics
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        evaluate = random_init_metrics if cell.strategy == RANDOM_INIT else raw_pixels_metrics
-        metrics = evaluate(cfg, run_dir)  # evaluated once; a restarted trial reads it back
-        tune.report(tune_result(0, metrics))
+        tune.report(tune_result(0, evaluate_reference(cell, study_dir, tracking_uri)))
         return
     if has_results(run_dir):  # finished before a restart: report, never retrain
         _report_final(run_dir)
@@ -230,11 +256,12 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     if not resume and (exp_path.exists() or (sdir / TUNING_DIR).exists()):
         raise FileExistsError(f"{sdir} already holds a study; continue it with --resume")
     sdir.mkdir(parents=True, exist_ok=True)
-    cells_file = sdir / "cells.json"
+    cells_file, grid_file = sdir / "cells.json", sdir / "tune" / "grid_cells.json"
+    grid_ids = [c.id for c in cells]
     if resume and cells_file.is_file():
-        before = {d["id"] for d in read_json(cells_file)}
-        if before != {c.id for c in cells}:
-            raise ValueError(f"{path} now expands to other cells than the study in {sdir}; start a new --out")
+        # a study started before grid_cells.json existed: its cells.json lists the grid
+        grid_ids = read_json(grid_file) if grid_file.is_file() else [d["id"] for d in read_json(cells_file)]
+    outside = cells_outside_grid(cells, grid_ids, path)
     print(f"study directory: {sdir} ({len(cells)} cells"
           + (f", after a tuning stage of {len(sweeps)} sweep(s)" if sweeps else "") + ")", flush=True)
 
@@ -254,6 +281,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
         cells = apply_tuned(cells, tuned["applied"])
         console.init_ray(base.scaling.ray_address, sdir / "logs")  # each sweep logged into its own directory
     write_json_atomic(cells_file, [_cell_to_dict(c) for c in cells])
+    write_json_atomic(grid_file, grid_ids)
     run_source_stage(cells, sdir, tracking_uri, study_run_id)  # HPT pre-training runs, before the grid
 
     cell_dicts = {c.id: _cell_to_dict(c) for c in cells}
@@ -263,7 +291,7 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
     trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial_driver})
     if console.quiet():  # what Tune prints of an errored cell's last result: these, not all ~60
         trainable._progress_metrics = progress_metrics(None)
-    param_space = {"cell": tune.grid_search([c.id for c in cells])}
+    param_space = {"cell": tune.grid_search(grid_ids)}
     if resume and comparison_started:
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
@@ -281,6 +309,12 @@ def run_study(path: str | Path, out_dir: str | Path, *, resume: bool = False,
         if board is not None:
             board.close()
     errors = {r.config.get("cell"): f"{type(r.error).__name__}: {r.error}" for r in grid if r.error}
+    for cell in outside:  # reference cells added after the grid started: no Tune trial of their own
+        print(f"{cell.id}: reference cell added to the study, evaluated outside the Tune grid", flush=True)
+        try:
+            evaluate_reference(cell, sdir, tracking_uri)
+        except Exception as e:  # noqa: BLE001  (recorded like an errored trial; the table shows n/a)
+            errors[cell.id] = f"{type(e).__name__}: {e}"
     summary = write_outputs(spec.name, cells, sdir)
     summary["tune_wall_s"] = time.perf_counter() - t0
     summary["errors"] = errors
