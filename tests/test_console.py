@@ -229,7 +229,7 @@ def test_the_trial_table_waits_for_changes_to_settle_and_trial_events_are_one_li
     class Trial:
         def __init__(self, status: str) -> None:
             self.trial_id, self.status, self.error_file = "t0", status, None
-            self.config, self.last_result = {"optim.lr": 0.05}, {"training_iteration": 1}
+            self.config, self.last_result = {"optim.lr": 0.05}, {"training_iteration": 1, "segment": 0}
 
         def __str__(self) -> str:
             return "t0"
@@ -254,5 +254,5 @@ def test_the_trial_table_waits_for_changes_to_settle_and_trial_events_are_one_li
     table.on_trial_complete(0, [], Trial("TERMINATED"))
     out = [ln for ln in capsys.readouterr().out.split("\n") if ln]
     assert out == ["Trial t0 started: optim.lr=0.05",
-                   "Trial t0: 1 segment(s) done: segment=0, eval/knn_acc=0.5123, train/loss=5.4",
-                   "Trial t0 ended after 1 segment(s)"]
+                   "Trial t0: segment 0 done: eval/knn_acc=0.5123, train/loss=5.4",
+                   "Trial t0 ended after segment 0"]

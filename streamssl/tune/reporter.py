@@ -181,14 +181,17 @@ if TuneTerminalReporter is not None:
 
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                             **info: Any) -> None:
-            numbers = ", ".join(f"{k}={_fmt(result[k])}" for k in self._progress_metrics if k in result)
+            numbers = ", ".join(f"{k}={_fmt(result[k])}" for k in self._progress_metrics
+                                if k in result and k != "segment")
             self._start_block(f"trial_{trial}_result")
-            print(f"Trial {trial}: {result.get('training_iteration')} segment(s) done: {numbers}")
+            # "segment" (0-based), not Tune's report count: a restored trial that only reads its
+            # finished stream back reports once, for its last segment
+            print(f"Trial {trial}: segment {result.get('segment', '?')} done: {numbers}")
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            done = (trial.last_result or {}).get("training_iteration", 0)
+            last = (trial.last_result or {}).get("segment")
             self._start_block(f"trial_{trial}_complete")
-            print(f"Trial {trial} ended after {done} segment(s)")
+            print(f"Trial {trial} ended" + (f" after segment {last}" if last is not None else " before its first segment"))
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             pass  # Tune's own reporter prints errors, at every verbosity
