@@ -256,3 +256,29 @@ def test_the_trial_table_waits_for_changes_to_settle_and_trial_events_are_one_li
     assert out == ["Trial t0 started: optim.lr=0.05",
                    "Trial t0: segment 0 done: eval/knn_acc=0.5123, train/loss=5.4",
                    "Trial t0 ended after segment 0"]
+
+
+@pytest.mark.ray
+def test_a_quiet_sweep_survives_a_trial_error_and_retries_it(tmp_path, ray_local):
+    """Tune hands its start time only to the first reporter callback (ours); its own reporter, still
+    installed for trial errors, must not crash the experiment on the first error or retry."""
+    from ray import tune
+
+    from streamssl.tune.reporter import tune_console
+
+    marker = tmp_path / "failed_once"
+
+    def trainable(config: dict) -> None:
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("the first attempt fails")
+        tune.report({"segment": 0, "eval/knn_acc": 0.5})
+
+    param_space = {"x": tune.grid_search([1])}
+    with console.session():
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path / "tune"),
+                                                     failure_config=tune.FailureConfig(max_failures=1),
+                                                     **tune_console(param_space, ["segment", "eval/knn_acc"])))
+        grid = tuner.fit()
+    assert marker.exists() and not grid.errors and grid[0].metrics["eval/knn_acc"] == 0.5

@@ -203,6 +203,28 @@ else:  # pragma: no cover
     TrialTable = None  # type: ignore[assignment,misc]
 
 
+def _tolerate_unset_start_time() -> None:
+    """Keep Tune's own reporter from crashing the experiment on a trial error.
+
+    Tune hands its start time to the *first* reporter among the callbacks only (``tune.run``); with
+    :class:`TrialTable` first, Tune's own reporter (still installed, for trial errors) keeps the
+    ``None`` its ``setup`` got, and on the first trial error or retry it raises ``TypeError`` in
+    ``_get_time_str``, which ends the whole sweep or study instead of retrying the trial. Its
+    elapsed-time string then counts from the error instead (docs/stack-notes.md).
+    """
+    from ray.tune.experimental import output
+
+    get_time_str = output._get_time_str
+    if getattr(get_time_str, "tolerates_unset_start", False):
+        return
+
+    def tolerant(start_time: float | None, current_time: float) -> tuple[str, str]:
+        return get_time_str(current_time if start_time is None else start_time, current_time)
+
+    tolerant.tolerates_unset_start = True  # type: ignore[attr-defined]
+    output._get_time_str = tolerant
+
+
 def tune_console(param_space: dict[str, Any], progress_metrics: list[str], metric: str | None = None,
                  mode: str | None = None, board: ProgressBoard | None = None) -> dict[str, Any]:
     """``tune.RunConfig`` arguments for the console of the current session.
@@ -214,6 +236,7 @@ def tune_console(param_space: dict[str, Any], progress_metrics: list[str], metri
     """
     if not console.quiet() or TrialTable is None:
         return {"verbose": console.tune_verbosity()}
+    _tolerate_unset_start_time()
     return {"verbose": 0, "callbacks": [TrialTable(metric=metric, mode=mode, param_space=param_space,
                                                     progress_metrics=progress_metrics, board=board,
                                                     every_s=board.every_s if board is not None else None)]}
