@@ -54,7 +54,8 @@ def _study_numbers(cell: dict[str, Any], study: Path) -> dict[str, float]:
 def _diagnose(cell: dict[str, Any], study: Path, transfer: str | None) -> dict[str, float]:
     """What the study did not measure of the cell: BN-recalibrated probes (trained cells) and transfer."""
     from streamssl.config import config_from_dict
-    from streamssl.evaluate.after_segment import bn_recalibration_metrics, raw_pixels_module, transfer_metrics
+    from streamssl.evaluate.after_segment import (bn_recalibration_metrics, random_init_model, raw_pixels_module,
+                                                  transfer_metrics)
 
     run_dir = study / "trials" / cell["id"]
     over = [f"eval.transfer_dataset={json.dumps(transfer)}" if transfer else "eval.transfer_dataset=null",
@@ -68,12 +69,7 @@ def _diagnose(cell: dict[str, Any], study: Path, transfer: str | None) -> dict[s
 
                 model = raw_pixels_module(*normalization(cfg.ssl.augment, cfg.data.channels))
             else:
-                import torch
-
-                from streamssl.ssl import build_method, model_init_seed
-
-                torch.manual_seed(model_init_seed(cfg.seed))
-                model = build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
+                model = random_init_model(cfg)
             out.update(transfer_metrics(cfg, model))
         return out
     from streamssl.export import load_encoder

@@ -368,14 +368,19 @@ def drift_and_sharpness(cfg: Config, ckpt_dir: str | Path, prev_ckpt: str | Path
     return out
 
 
-def evaluate_random_init(cfg: Config) -> dict[str, float]:
-    """The same encoder architecture at its random initialization: the baseline SSL must beat."""
+def random_init_model(cfg: Config) -> Any:
+    """The run's model at the initialization segment 0 (and every joint segment) starts from."""
     import torch
 
     from streamssl.ssl import build_method, model_init_seed
 
-    torch.manual_seed(model_init_seed(cfg.seed))  # the init segment 0 (and every joint segment) starts from
-    model = build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
+    torch.manual_seed(model_init_seed(cfg.seed))
+    return build_method(cfg.ssl, in_channels=cfg.data.channels).eval()
+
+
+def evaluate_random_init(cfg: Config) -> dict[str, float]:
+    """The same encoder architecture at its random initialization: the baseline SSL must beat."""
+    model = random_init_model(cfg)
     return {**evaluate_encoder_on_config(cfg, model, None), **transfer_metrics(cfg, model)}
 
 

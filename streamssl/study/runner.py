@@ -97,11 +97,11 @@ def _study_trial(params: dict[str, Any], *, cells: dict[str, dict[str, Any]], st
     from streamssl.tune.sweep import _SweepParent, _TuneReporter, tune_result
 
     cell = _cell_from_dict(cells[params["cell"]])
-    run_dir = Path(study_dir) / "trials" / cell.id
-    cfg = cell_config(cell, str(run_dir), tracking_uri)
     if cell.strategy in REFERENCES:
         tune.report(tune_result(0, evaluate_reference(cell, study_dir, tracking_uri)))
         return
+    run_dir = Path(study_dir) / "trials" / cell.id
+    cfg = cell_config(cell, str(run_dir), tracking_uri)
     if has_results(run_dir):  # finished before a restart: report, never retrain
         _report_final(run_dir)
         return
