@@ -74,6 +74,15 @@ def test_hpt_seeds_protocols_and_variants_are_chosen_by_the_section(tmp_path: Pa
         "instance-hpt--hpt--s1", "instance-hpt--scratch--s1"]
 
 
+def test_the_study_reference_rows_are_added_on_the_hpt_target_classes(tmp_path: Path) -> None:
+    _, cells = load_study(_study(tmp_path, {**HPT, "seeds": [0]}, baselines=["joint", "raw_pixels", "random_init"]))
+    refs = {c.id: c.config for c in cells if c.protocol == "class_random-hpt" and c.is_baseline}
+    assert sorted(refs) == ["class_random-hpt--random_init--s0", "class_random-hpt--raw_pixels--s0"]
+    for cfg in refs.values():  # the probes of scratch / hpt on the target classes, nothing pre-trained
+        assert cfg["data"]["classes"] == ["c", "d"] and cfg["init"]["checkpoint"] is None and cfg["seed"] == 0
+    assert not any(c.protocol.endswith("-hpt") and c.strategy == "joint" for c in cells)  # joint: no HPT row
+
+
 @pytest.mark.parametrize("hpt, match", [
     ({**HPT, "target_classes": ["b", "c"]}, r"hpt.*target_classes \['b'\] are in hpt.source_classes"),
     ({**HPT, "pretrain": {"data.classes": ["e"]}}, r"hpt.pretrain.*data.classes.*set by the hpt section"),
@@ -128,9 +137,14 @@ def test_hpt_rows_pair_each_variant_with_the_scratch_cell_of_its_seed() -> None:
         _o(p, "hpt", 0, [0.81, 0.85], [1000, 1000]), _o(p, "hpt", 1, [0.69, 0.75], [1000, 1000]),
         _o(p, "hpt_bn_only", 0, [0.50, 0.79], [1000, 1000]),
         _o("class_random", "naive", 0, [0.9, 0.9], [1, 1]),  # not an HPT cell: no row
+        _o(p, "raw_pixels", 0, [0.77], [0]), _o(p, "raw_pixels", 1, [0.73], [0]),
+        _o(p, "random_init", 2, [0.5], [0]),  # no scratch cell of seed 2 to pair with: no row
     ]
     rows = {(r["variant"], r["probe"]): r for r in hpt_rows(outcomes)}
-    assert set(rows) == {(v, pr) for v in ("scratch", "hpt", "hpt_bn_only") for pr in ("linear", "knn")}
+    assert set(rows) == {(v, pr) for v in ("scratch", "hpt", "hpt_bn_only", "raw_pixels") for pr in ("linear", "knn")}
+    px = rows[("raw_pixels", "knn")]
+    assert px["seeds"] == 2 and px["final_mean"] == pytest.approx(0.65) and px["scratch_final_mean"] == pytest.approx(0.65)
+    assert px["images_to_reach_per_seed"] == "" and math.isnan(px["reached"])
     h = rows[("hpt", "linear")]
     # seed 0: 0.81 >= scratch's final 0.80 after segment 0 (1,000 images); seed 1: 0.69 < 0.70, then 0.75 (2,000)
     assert h["seeds"] == 2 and h["reached"] == 2 and h["images_to_reach_mean"] == pytest.approx(1500)
@@ -144,6 +158,7 @@ def test_hpt_rows_pair_each_variant_with_the_scratch_cell_of_its_seed() -> None:
     assert s["images_to_reach_per_seed"] == "s0: 2,000 / s1: 1,000" and math.isnan(s["pretrain_images"])
     md = hpt_markdown(hpt_rows(outcomes))
     assert "| class_random-hpt | hpt_bn_only | linear | 79.0 | 80.0 | s0: not reached | 0/1 |" in md
+    assert "| class_random-hpt | raw_pixels | linear | 75.0 | 75.0 | — | — | 0 | — |" in md
     assert hpt_markdown([]) == ""
 
 
@@ -151,7 +166,7 @@ def test_shipped_study_has_hpt_rows() -> None:
     spec, cells = load_study(ROOT / "configs" / "study_fashion_mnist.yaml")
     assert spec.hpt is not None
     variants = {c.strategy for c in cells if c.protocol.endswith("-hpt")}
-    assert variants == {"scratch", "hpt", "hpt_bn_only"}
+    assert variants == {"scratch", "hpt", "hpt_bn_only", "raw_pixels", "random_init"}
     src = [c for c in cells if c.protocol == "hpt_source"]
     assert src and all(set(c.config["data"]["classes"]).isdisjoint(spec.hpt.target_classes) for c in src)
 

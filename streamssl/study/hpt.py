@@ -33,7 +33,7 @@ from streamssl.study.hpt_design import (
     SOURCE_PROTOCOL,
     source_cell_id,
 )
-from streamssl.study.spec import Cell, cell_config
+from streamssl.study.spec import RANDOM_INIT, RAW_PIXELS, REFERENCES, Cell, cell_config
 from streamssl.study.table import CellOutcome, csv_value
 
 HPT_PROBES = ("linear", "knn")
@@ -127,7 +127,8 @@ def _mean(xs: Sequence[float]) -> float:
 def hpt_rows(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
     """One row per HPT protocol x variant (scratch, hpt, hpt_bn_only) x probe, paired by seed with
     the from-scratch cell: its final accuracy is the target every variant's curve is read against
-    (scratch's own row: when it first reached its final accuracy)."""
+    (scratch's own row: when it first reached its final accuracy). The reference cells of the HPT
+    protocol (raw pixels, random init on the target classes) follow, their final accuracy only."""
     by_key = {(o.protocol, o.strategy, o.seed): o for o in outcomes}
     pretrain_images = {o.seed: o.images_processed for o in outcomes
                        if o.protocol == SOURCE_PROTOCOL and o.strategy == PRETRAIN}
@@ -152,6 +153,19 @@ def hpt_rows(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
                     "images_processed": _mean([o.images_processed for o, _ in pairs]),
                     "pretrain_images": (float("nan") if variant == SCRATCH else
                                         _mean([pretrain_images.get(o.seed, float("nan")) for o, _ in pairs])),
+                })
+        for ref in (RAW_PIXELS, RANDOM_INIT):
+            for probe in HPT_PROBES:
+                pairs = [(o, by_key[(protocol, SCRATCH, o.seed)]) for o in outcomes
+                         if (o.protocol, o.strategy) == (protocol, ref) and (protocol, SCRATCH, o.seed) in by_key]
+                if not pairs:
+                    continue
+                rows.append({
+                    "protocol": protocol, "variant": ref, "probe": probe, "seeds": len(pairs), "reached": float("nan"),
+                    "images_to_reach_mean": float("nan"), "images_to_reach_per_seed": "",
+                    "final_mean": _mean([o.final.get(probe, float("nan")) for o, _ in pairs]),
+                    "scratch_final_mean": _mean([s.final.get(probe, float("nan")) for _, s in pairs]),
+                    "images_processed": 0.0, "pretrain_images": float("nan"),
                 })
     return rows
 
@@ -183,15 +197,17 @@ def hpt_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["", "## HPT: target images to reach the from-scratch accuracy", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for r in rows:
+        ref = r["variant"] in REFERENCES  # evaluated, never trained: nothing to reach
         lines.append("| " + " | ".join([
             r["protocol"], r["variant"], r["probe"], pct(r["final_mean"]), pct(r["scratch_final_mean"]),
-            r["images_to_reach_per_seed"], f"{r['reached']}/{r['seeds']}", count(r["images_processed"]),
-            count(r["pretrain_images"])]) + " |")
+            "—" if ref else r["images_to_reach_per_seed"], "—" if ref else f"{r['reached']}/{r['seeds']}",
+            count(r["images_processed"]), count(r["pretrain_images"])]) + " |")
     lines += ["", "HPT (Reed et al., 2021) at this study's scale: `hpt` / `hpt_bn_only` start segment 0 from an "
               "encoder pre-trained on other classes (hpt.source_classes; `hpt_bn_only` trains only BatchNorm of "
               "the pre-trained backbone), `scratch` from random init; all three stream and are probed on "
               "hpt.target_classes only. Target images to reach it: images processed on the target stream up to the "
               "end of the first segment whose accuracy is at least the from-scratch cell's final accuracy (same "
               "seed and probe); accuracy is measured after each segment only. Pre-training images are not "
-              "included in it (last column).", ""]
+              "included in it (last column). `raw_pixels` / `random_init`: the same probes on the target classes' "
+              "flattened pixels / on the untrained encoder, the floor the three have to clear.", ""]
     return "\n".join(lines)

@@ -20,7 +20,9 @@ grid), and per protocol and seed, on ``target_classes`` under the protocol ``<pr
 * ``scratch``: naive sequential training from random init (the from-scratch reference);
 * ``hpt``: the same stream, segment 0 starting from the pre-training run's final encoder
   (``init.checkpoint``);
-* ``hpt_bn_only``: as ``hpt`` with ``init.bn_only`` (only BatchNorm of the pre-trained backbone trains).
+* ``hpt_bn_only``: as ``hpt`` with ``init.bn_only`` (only BatchNorm of the pre-trained backbone trains);
+* the study's reference rows among ``baselines`` (``random_init``, ``raw_pixels``), probed on
+  ``target_classes`` like the three variants: the floor an HPT start has to clear on these classes.
 
 **Other data, and how this deviates from the paper.** "Other data" here means images of classes
 the HPT streams never train on and are never probed on: ``data.classes`` restricts the
@@ -37,7 +39,7 @@ trained on related but disjoint images reaches the from-scratch accuracy with fe
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,9 +95,11 @@ def _dotted(overrides: dict[str, Any]) -> list[str]:
 
 
 def hpt_grid(hpt: HptSpec, study_name: str, protocols: dict[str, dict[str, Any]],
-             seeds_for: Callable[[str], list[int]]) -> list[tuple[str, str, int, list[str]]]:
+             seeds_for: Callable[[str], list[int]],
+             references: Sequence[str] = ()) -> list[tuple[str, str, int, list[str]]]:
     """(protocol label, strategy, seed, dotted run-config overrides) of every cell the section adds:
-    the pre-training cells first (one per seed), then per protocol and seed scratch, hpt[, hpt_bn_only].
+    the pre-training cells first (one per seed), then per protocol and seed scratch, hpt[, hpt_bn_only]
+    and the reference cells named in ``references`` (evaluated, never trained).
 
     The overrides go after the study's own; an HPT cell's ``init.checkpoint`` is the pre-training
     cell's directory relative to the study directory (``trials/<source_cell_id>``), made absolute
@@ -114,11 +118,11 @@ def hpt_grid(hpt: HptSpec, study_name: str, protocols: dict[str, dict[str, Any]]
             f"seed={seed}", f"stream.seed={seed}", f"name={study_name}-{SOURCE_PROTOCOL}-s{seed}"]))
     for protocol in chosen:
         for seed in seeds[protocol]:
-            for variant in hpt.variants():
+            for variant in [*hpt.variants(), *references]:
                 dotted = [f"stream.protocol={protocol}", *_dotted(protocols[protocol]),
                           "strategy=naive", "replay.size=0", "regularization.method=none",
                           f"data.classes={json.dumps(hpt.target_classes)}",
-                          f"init.checkpoint={'null' if variant == SCRATCH else 'trials/' + source_cell_id(seed)}",
+                          f"init.checkpoint={'trials/' + source_cell_id(seed) if variant in (HPT, HPT_BN_ONLY) else 'null'}",
                           f"init.bn_only={'true' if variant == HPT_BN_ONLY else 'false'}",
                           f"seed={seed}", f"stream.seed={seed}",
                           f"name={study_name}-{protocol}{HPT_SUFFIX}-{variant}-s{seed}"]

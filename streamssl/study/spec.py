@@ -303,7 +303,8 @@ def _hpt_cells(spec: StudySpec, base: dict[str, Any], overrides: list[str]) -> l
     """The cells of the study's ``hpt`` section, after the grid's (see :mod:`streamssl.study.hpt_design`)."""
     assert spec.hpt is not None
     try:
-        grid = hpt_grid(spec.hpt, spec.name, spec.protocols, spec.seeds_for)
+        grid = hpt_grid(spec.hpt, spec.name, spec.protocols, spec.seeds_for,
+                        [b for b in REFERENCES if b in spec.baselines])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cells = []
