@@ -183,7 +183,7 @@ def main() -> None:
         results[c["id"]] = {**own, **computed}
         print(f"{c['id']}: {time.perf_counter() - t0:.0f} s {computed}", flush=True)
     rows = _rows(cells, results)
-    (study / "diagnostics.md").write_text(_markdown(rows, transfer))
+    (study / "diagnostics.md").write_text(_markdown(rows, a.transfer))  # the path as given, not this machine's
     with open(study / "diagnostics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
