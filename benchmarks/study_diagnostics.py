@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REFERENCES = ("random_init", "raw_pixels")
+from streamssl.study.spec import JOINT, RAW_PIXELS, REFERENCES
+from streamssl.study.table import finite_mean, paired_t
 
 
 def _cells(study: Path, protocols: list[str], strategies: list[str]) -> list[dict[str, Any]]:
@@ -44,7 +45,7 @@ def _study_numbers(cell: dict[str, Any], study: Path) -> dict[str, float]:
 
     run_dir = study / "trials" / cell["id"]
     if cell["strategy"] in REFERENCES:
-        read = read_raw_pixels_doc if cell["strategy"] == "raw_pixels" else read_cached_doc
+        read = read_raw_pixels_doc if cell["strategy"] == RAW_PIXELS else read_cached_doc
         metrics = (read(run_dir) or {}).get("metrics") or {}
     else:
         metrics = read_results(run_dir).final_metrics if has_results(run_dir) else {}
@@ -54,7 +55,7 @@ def _study_numbers(cell: dict[str, Any], study: Path) -> dict[str, float]:
 def _diagnose(cell: dict[str, Any], study: Path, transfer: str | None) -> dict[str, float]:
     """What the study did not measure of the cell: BN-recalibrated probes (trained cells) and transfer."""
     from streamssl.config import config_from_dict
-    from streamssl.evaluate.after_segment import (bn_recalibration_metrics, random_init_model, raw_pixels_module,
+    from streamssl.evaluate.after_segment import (bn_recalibration_metrics, random_init_model, raw_pixels_model,
                                                   transfer_metrics)
 
     run_dir = study / "trials" / cell["id"]
@@ -64,12 +65,7 @@ def _diagnose(cell: dict[str, Any], study: Path, transfer: str | None) -> dict[s
     out: dict[str, float] = {}
     if cell["strategy"] in REFERENCES:  # only transfer is new for them
         if transfer:
-            if cell["strategy"] == "raw_pixels":
-                from streamssl.ssl.augment import normalization
-
-                model = raw_pixels_module(*normalization(cfg.ssl.augment, cfg.data.channels))
-            else:
-                model = random_init_model(cfg)
+            model = raw_pixels_model(cfg) if cell["strategy"] == RAW_PIXELS else random_init_model(cfg)
             out.update(transfer_metrics(cfg, model))
         return out
     from streamssl.export import load_encoder
@@ -85,16 +81,10 @@ def _diagnose(cell: dict[str, Any], study: Path, transfer: str | None) -> dict[s
 
 
 def _rows(cells: list[dict[str, Any]], results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    from streamssl.study.table import paired_t
-
     by = {(c["protocol"], c["strategy"], c["seed"]): results.get(c["id"], {}) for c in cells}
     groups: dict[tuple[str, str], list[int]] = {}
     for c in cells:
         groups.setdefault((c["protocol"], c["strategy"]), []).append(c["seed"])
-
-    def mean(xs: list[float]) -> float:
-        xs = [x for x in xs if math.isfinite(x)]
-        return sum(xs) / len(xs) if xs else float("nan")
 
     rows = []
     for (protocol, strategy), seeds in groups.items():
@@ -102,13 +92,13 @@ def _rows(cells: list[dict[str, Any]], results: dict[str, dict[str, float]]) -> 
         row: dict[str, Any] = {"protocol": protocol, "strategy": strategy, "seeds": len(got)}
         for key in ("knn_acc", "linear_acc", "bn_recal_knn_acc", "bn_recal_linear_acc", "transfer_knn_acc",
                     "transfer_linear_acc"):
-            row[key] = mean([m.get(f"eval/{key}", float("nan")) for m in got])
+            row[key] = finite_mean([m.get(f"eval/{key}", float("nan")) for m in got])
         for probe in ("knn", "linear"):
             for prefix, label in (("", "gap_to_joint"), ("bn_recal_", "bn_recal_gap_to_joint")):
                 diffs = []
                 for s in seeds:
-                    joint = by.get((protocol, "joint", s))
-                    if joint is not None and strategy not in ("joint", *REFERENCES):
+                    joint = by.get((protocol, JOINT, s))
+                    if joint is not None and strategy not in (JOINT, *REFERENCES):
                         key = f"eval/{prefix}{probe}_acc"
                         diffs.append(by[(protocol, strategy, s)].get(key, float("nan")) - joint.get(key, float("nan")))
                 stats = paired_t(diffs)
@@ -155,7 +145,7 @@ def main() -> None:
     ap.add_argument("study", type=Path)
     ap.add_argument("--transfer", default=None, help="an ingested downstream dataset (train + test splits)")
     ap.add_argument("--protocols", nargs="+", default=["class_random", "class_distant"])
-    ap.add_argument("--strategies", nargs="+", default=["naive", "replay", "joint", *REFERENCES])
+    ap.add_argument("--strategies", nargs="+", default=["naive", "replay", JOINT, *REFERENCES])
     a = ap.parse_args()
 
     import ray
@@ -173,8 +163,9 @@ def main() -> None:
             print(f"{c['id']}: not finished in the study, skipped", flush=True)
             continue
         cached = out_dir / f"{c['id']}.json"
-        if cached.is_file() and json.loads(cached.read_text()).get("transfer") == transfer:
-            results[c["id"]] = {**own, **json.loads(cached.read_text())["metrics"]}
+        doc = json.loads(cached.read_text()) if cached.is_file() else {}
+        if doc and doc.get("transfer") == transfer:
+            results[c["id"]] = {**own, **doc["metrics"]}
             continue
         t0 = time.perf_counter()
         computed = _diagnose(c, study, transfer)

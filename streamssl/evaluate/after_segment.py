@@ -402,13 +402,17 @@ def raw_pixels_module(mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
     return RawPixels()
 
 
+def raw_pixels_model(cfg: Config) -> Any:
+    """:func:`raw_pixels_module` for the run's eval transform (its normalization undone)."""
+    from streamssl.ssl.augment import normalization
+
+    return raw_pixels_module(*normalization(cfg.ssl.augment, cfg.data.channels))
+
+
 def evaluate_raw_pixels(cfg: Config) -> dict[str, float]:
     """The probes on flattened raw pixels in [0, 1]: the reference an encoder must beat to be worth
     having at all (on Fashion-MNIST it is stronger than any random-init encoder)."""
-    from streamssl.ssl.augment import normalization
-
-    mean, std = normalization(cfg.ssl.augment, cfg.data.channels)
-    pixels = raw_pixels_module(mean, std)
+    pixels = raw_pixels_model(cfg)
     return {**evaluate_encoder_on_config(cfg, pixels, None), **transfer_metrics(cfg, pixels)}
 
 

@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from streamssl.study.hpt_design import (
     HPT_BN_ONLY,
     HPT_SUFFIX,
@@ -34,7 +32,7 @@ from streamssl.study.hpt_design import (
     source_cell_id,
 )
 from streamssl.study.spec import RANDOM_INIT, RAW_PIXELS, REFERENCES, Cell, cell_config
-from streamssl.study.table import CellOutcome, csv_value
+from streamssl.study.table import CellOutcome, csv_value, finite_mean
 
 HPT_PROBES = ("linear", "knn")
 HPT_COLUMNS = ("protocol", "variant", "probe", "seeds", "reached", "images_to_reach_mean", "images_to_reach_per_seed",
@@ -119,11 +117,6 @@ def images_to_reach(curve: Sequence[float], segment_images: Sequence[float], tar
     return None
 
 
-def _mean(xs: Sequence[float]) -> float:
-    v = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(np.mean(v)) if v else float("nan")
-
-
 def hpt_rows(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
     """One row per HPT protocol x variant (scratch, hpt, hpt_bn_only) x probe, paired by seed with
     the from-scratch cell: its final accuracy is the target every variant's curve is read against
@@ -134,39 +127,31 @@ def hpt_rows(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
                        if o.protocol == SOURCE_PROTOCOL and o.strategy == PRETRAIN}
     rows = []
     for protocol in dict.fromkeys(o.protocol for o in outcomes if o.protocol.endswith(HPT_SUFFIX)):
-        for variant in (SCRATCH, HPT, HPT_BN_ONLY):
+        for variant in (SCRATCH, HPT, HPT_BN_ONLY, RAW_PIXELS, RANDOM_INIT):
             for probe in HPT_PROBES:
                 pairs = [(o, by_key[(protocol, SCRATCH, o.seed)]) for o in outcomes
                          if (o.protocol, o.strategy) == (protocol, variant) and (protocol, SCRATCH, o.seed) in by_key]
                 if not pairs:
                     continue
-                reach = [images_to_reach(o.curve.get(probe, []), o.segment_images, s.final.get(probe, float("nan")))
-                         for o, s in pairs]
-                rows.append({
+                row = {
                     "protocol": protocol, "variant": variant, "probe": probe, "seeds": len(pairs),
-                    "reached": sum(r is not None for r in reach),
-                    "images_to_reach_mean": _mean([r for r in reach if r is not None]),
-                    "images_to_reach_per_seed": " / ".join(
-                        f"s{o.seed}: {'not reached' if r is None else f'{r:,.0f}'}" for (o, _), r in zip(pairs, reach)),
-                    "final_mean": _mean([o.final.get(probe, float("nan")) for o, _ in pairs]),
-                    "scratch_final_mean": _mean([s.final.get(probe, float("nan")) for _, s in pairs]),
-                    "images_processed": _mean([o.images_processed for o, _ in pairs]),
-                    "pretrain_images": (float("nan") if variant == SCRATCH else
-                                        _mean([pretrain_images.get(o.seed, float("nan")) for o, _ in pairs])),
-                })
-        for ref in (RAW_PIXELS, RANDOM_INIT):
-            for probe in HPT_PROBES:
-                pairs = [(o, by_key[(protocol, SCRATCH, o.seed)]) for o in outcomes
-                         if (o.protocol, o.strategy) == (protocol, ref) and (protocol, SCRATCH, o.seed) in by_key]
-                if not pairs:
-                    continue
-                rows.append({
-                    "protocol": protocol, "variant": ref, "probe": probe, "seeds": len(pairs), "reached": float("nan"),
-                    "images_to_reach_mean": float("nan"), "images_to_reach_per_seed": "",
-                    "final_mean": _mean([o.final.get(probe, float("nan")) for o, _ in pairs]),
-                    "scratch_final_mean": _mean([s.final.get(probe, float("nan")) for _, s in pairs]),
-                    "images_processed": 0.0, "pretrain_images": float("nan"),
-                })
+                    "final_mean": finite_mean([o.final.get(probe, float("nan")) for o, _ in pairs]),
+                    "scratch_final_mean": finite_mean([s.final.get(probe, float("nan")) for _, s in pairs]),
+                    "images_processed": finite_mean([o.images_processed for o, _ in pairs]),
+                    "pretrain_images": (finite_mean([pretrain_images.get(o.seed, float("nan")) for o, _ in pairs])
+                                        if variant in (HPT, HPT_BN_ONLY) else float("nan")),
+                }
+                if variant in REFERENCES:  # evaluated, never trained: nothing to reach
+                    row.update(reached=float("nan"), images_to_reach_mean=float("nan"), images_to_reach_per_seed="")
+                else:
+                    reach = [images_to_reach(o.curve.get(probe, []), o.segment_images,
+                                             s.final.get(probe, float("nan"))) for o, s in pairs]
+                    row.update(reached=sum(r is not None for r in reach),
+                               images_to_reach_mean=finite_mean([r for r in reach if r is not None]),
+                               images_to_reach_per_seed=" / ".join(
+                                   f"s{o.seed}: {'not reached' if r is None else f'{r:,.0f}'}"
+                                   for (o, _), r in zip(pairs, reach)))
+                rows.append(row)
     return rows
 
 

@@ -164,7 +164,8 @@ def paired_t(diffs: Iterable[float]) -> PairedStats:
     return PairedStats(mean=mean, ci95=ci95, p=p, n=n)
 
 
-def _mean(xs: Iterable[float]) -> float:
+def finite_mean(xs: Iterable[float]) -> float:
+    """Mean of the finite values (None / NaN: unfinished or undefined); NaN when there are none."""
     v = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.mean(v)) if v else float("nan")
 
@@ -191,18 +192,18 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
         return diffs
 
     def paired_gap(cells: list[CellOutcome], baseline: str, probe: str) -> float:
-        return _mean(paired_diffs(cells, baseline, probe))
+        return finite_mean(paired_diffs(cells, baseline, probe))
 
     rows = []
     for (protocol, strategy), cells in groups.items():
         row: dict[str, Any] = {"protocol": protocol, "strategy": strategy, "seeds": len(cells)}
         for p in PROBES:
-            row[f"{p}_mean"] = _mean(o.final.get(p, float("nan")) for o in cells)
+            row[f"{p}_mean"] = finite_mean(o.final.get(p, float("nan")) for o in cells)
             row[f"{p}_std"] = _std(o.final.get(p, float("nan")) for o in cells)
         for p in TRANSFER:
-            row[f"{p}_mean"] = _mean(o.final.get(p, float("nan")) for o in cells)
+            row[f"{p}_mean"] = finite_mean(o.final.get(p, float("nan")) for o in cells)
         for p in ("linear", "knn"):
-            row[f"forgetting_{p}"] = _mean(o.forgetting.get(p, float("nan")) for o in cells)
+            row[f"forgetting_{p}"] = finite_mean(o.forgetting.get(p, float("nan")) for o in cells)
             stats = paired_t(paired_diffs(cells, JOINT, p)) if strategy != JOINT else PairedStats()
             row[f"gap_to_joint_{p}"] = stats.mean
             row[f"gap_to_joint_{p}_ci95"] = stats.ci95
@@ -219,9 +220,9 @@ def aggregate(outcomes: Sequence[CellOutcome]) -> list[dict[str, Any]]:
             row[f"gain_over_raw_pixels_{p}"] = (float("nan") if strategy in REFERENCES
                                                 else paired_gap(cells, RAW_PIXELS, p))
         costed = [o for o in cells if o.along_stream] or cells  # joint: what the curve cost
-        row["images_processed"] = _mean(o.images_processed for o in costed)
-        row["wall_s"] = _mean(o.wall_s for o in costed)
-        row["cka_to_joint"] = _mean(o.cka_to_joint for o in cells)
+        row["images_processed"] = finite_mean(o.images_processed for o in costed)
+        row["wall_s"] = finite_mean(o.wall_s for o in costed)
+        row["cka_to_joint"] = finite_mean(o.cka_to_joint for o in cells)
         rows.append(row)
     return rows
 
